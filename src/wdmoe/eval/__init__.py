@@ -1,0 +1,1 @@
+"""Evaluation: tasks, scoring and metrics."""

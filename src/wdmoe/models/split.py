@@ -1,0 +1,116 @@
+"""Split a MoE model into the BS part and standalone expert shards (safetensors), and back.
+
+A shard holds one expert of one layer — ``gate_up`` [2F, D] and ``down`` [D, F] — with its layer,
+expert id and activation in the safetensors metadata, so a device loads only what it hosts. The
+BS part is every other tensor of the state dict, under its original name.
+"""
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from wdmoe.errors import ModelNotFoundError
+from wdmoe.models.adapters import moe_blocks
+from wdmoe.models.experts import ExpertWeights
+
+EXPERT_PARAMS = (".experts.gate_up_proj", ".experts.down_proj")
+BS_FILE = "bs.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardId:
+    layer: int
+    expert: int
+
+    @property
+    def filename(self) -> str:
+        return f"L{self.layer:03d}_E{self.expert:03d}.safetensors"
+
+
+def is_expert_param(name: str) -> bool:
+    return name.endswith(EXPERT_PARAMS)
+
+
+def expert_shard(model: nn.Module, layer: int, expert: int) -> ExpertWeights:
+    """The weights of one expert, copied out of the fused tensors."""
+    experts = dict(moe_blocks(model))[layer].experts
+    return ExpertWeights(
+        experts.gate_up_proj[expert].detach().clone(),
+        experts.down_proj[expert].detach().clone(),
+        model.config.hidden_act,
+    )
+
+
+def save_expert_shard(weights: ExpertWeights, shard: ShardId, folder: Path) -> Path:
+    meta = {"layer": str(shard.layer), "expert": str(shard.expert), "act": weights.act, "format": "wdmoe-expert/1"}
+    path = folder / shard.filename
+    save_file({"gate_up": weights.gate_up.contiguous(), "down": weights.down.contiguous()}, str(path), metadata=meta)
+    return path
+
+
+def load_expert_shard(path: Path) -> tuple[ShardId, ExpertWeights]:
+    """Read one shard: its id and weights (only this file is read)."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"expert shard {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        weights = ExpertWeights(f.get_tensor("gate_up"), f.get_tensor("down"), meta["act"])
+    return ShardId(int(meta["layer"]), int(meta["expert"])), weights
+
+
+def split_model(model: nn.Module, folder: Path) -> list[Path]:
+    """Write ``bs.safetensors`` (+ config.json) and one shard per (layer, expert); return the shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    bs = {k: v.detach().contiguous() for k, v in state.items() if not is_expert_param(k)}
+    bs = dedupe_tied(bs)
+    save_file(bs, str(folder / BS_FILE), metadata={"format": "wdmoe-bs/1"})
+    model.config.save_pretrained(folder)
+    shards = []
+    for layer, block in moe_blocks(model):
+        for e in range(block.experts.gate_up_proj.shape[0]):
+            shards.append(save_expert_shard(expert_shard(model, layer, e), ShardId(layer, e), folder))
+    (folder / "shards.json").write_text(json.dumps([p.name for p in shards]))
+    return shards
+
+
+def dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per shared storage (tied embeddings), as safetensors requires."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            out[k] = v
+    return out
+
+
+def load_bs_part(model: nn.Module, folder: Path) -> list[str]:
+    """Load the BS part into ``model``; return the names it did not provide (the experts)."""
+    with safe_open(str(folder / BS_FILE), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return [k for k in result.missing_keys if not is_expert_param(k) and k not in tied_names(model)]
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys) if not isinstance(keys, dict) else set(keys)
+
+
+def load_shards_into(model: nn.Module, paths: Iterable[Path]) -> None:
+    """Copy expert shards back into the fused expert tensors of ``model``."""
+    blocks = dict(moe_blocks(model))
+    with torch.no_grad():
+        for path in paths:
+            shard, w = load_expert_shard(path)
+            blocks[shard.layer].experts.gate_up_proj[shard.expert].copy_(w.gate_up)
+            blocks[shard.layer].experts.down_proj[shard.expert].copy_(w.down)

@@ -1,0 +1,71 @@
+"""Values that flow between stages (frozen dataclasses; shapes follow the legend in ``wdmoe``)."""
+
+from dataclasses import dataclass
+from typing import NewType
+
+import torch
+
+LayerId = NewType("LayerId", int)
+ExpertId = NewType("ExpertId", int)
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """What a model's own router decided for one MoE layer.
+
+    logits:     [T, E] raw router scores.
+    candidates: [T, K] expert ids of the router's top-k, best first.
+    weights:    [T, K] the combine weight the model gives each candidate.
+    importance: [T, K] how much each candidate matters to the token, summing to ≤ 1 per token
+        (the softmax probability for trained MoEs; the predicted output-norm share for MoEfied
+        models, which combine with weight 1). Channel-aware policies weigh this.
+    renormalize: the model combines with softmax weights, so a policy that drops
+        candidates rescales the survivors to keep the token's total weight.
+    """
+
+    logits: torch.Tensor
+    candidates: torch.Tensor
+    weights: torch.Tensor
+    importance: torch.Tensor
+    renormalize: bool
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.logits.shape[-1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.candidates.shape[-1])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which candidates a policy keeps and the weights they are combined with.
+
+    keep:    [T, K] bool, aligned with ``RouterOutput.candidates``.
+    weights: [T, K] combine weights, 0 where dropped.
+    """
+
+    keep: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """One MoE layer's forward, as recorded for latency and accuracy accounting.
+
+    logits [T, E], candidates [T, K], keep [T, K], weights [T, K]; ``failed`` lists experts
+    the dispatcher could not run (treated as dropped).
+    """
+
+    layer: int
+    logits: torch.Tensor
+    candidates: torch.Tensor
+    keep: torch.Tensor
+    weights: torch.Tensor
+    failed: tuple[int, ...] = ()
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[E] number of tokens each expert actually processed."""
+        counts = torch.zeros(int(self.logits.shape[-1]), dtype=torch.long)
+        return counts.index_add_(0, self.candidates[self.keep], torch.ones_like(self.candidates[self.keep]))

@@ -1,0 +1,52 @@
+"""Tiny random MoE models built offline (no hub): the fixtures every model test shares."""
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    OlmoeConfig,
+    PretrainedConfig,
+    Qwen2MoeConfig,
+)
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    if family == "mixtral":
+        return MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+        )
+    if family == "olmoe":
+        return OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+            eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    raise KeyError(family)
+
+
+FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    # Routers of some families start at zero; random logits make top-k choices meaningful.
+    for name, p in model.named_parameters():
+        if name.endswith("gate.weight"):
+            torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
