@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model
 
+from tiny import FAMILIES, tiny_model
 from wdmoe.errors import ConfigError, UnsupportedModelError
 from wdmoe.models.install import install
 
@@ -76,7 +76,10 @@ def test_install_twice_and_dense_models_are_refused():
         install(model)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                                         num_hidden_layers=1, num_attention_heads=2))
+    dense = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="supported: mixtral, olmoe, qwen2_moe"):
         install(dense)

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny import tiny_model
 
+from tiny import tiny_model
 from wdmoe.errors import SelectionError, UnknownNameError
 from wdmoe.models.dispatch import LocalDispatcher
 from wdmoe.models.install import install

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tiny import FAMILIES, tiny_model
 from wdmoe.models.experts import run_expert
 from wdmoe.models.split import BS_FILE, load_bs_part, load_expert_shard, load_shards_into, split_model
 
@@ -27,7 +27,7 @@ def test_bs_part_holds_no_expert_and_shard_runs_alone(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / BS_FILE), "pt") as f:
-        names = list(f.keys())  # noqa: SIM118
+        names = list(f.keys())
     assert names and not any("experts" in n for n in names)
     assert any(n.endswith("gate.weight") for n in names)  # routers stay at the BS
     shard, w = load_expert_shard(tmp_path / "L001_E005.safetensors")

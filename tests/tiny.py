@@ -34,8 +34,16 @@ def tiny_config(family: str) -> PretrainedConfig:
             decoder_sparse_step=1,
         )
     if family == "olmoe":
-        return OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-            eos_token_id=1, pad_token_id=0, bos_token_id=2)
+        return OlmoeConfig(
+            **COMMON,
+            intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            eos_token_id=1,
+            pad_token_id=0,
+            bos_token_id=2,
+        )
     raise KeyError(family)
 
 
@@ -50,3 +58,36 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
         if name.endswith("gate.weight"):
             torch.nn.init.normal_(p, std=0.5)
     return model.eval()
+
+
+WORDS = (
+    "the a an is of to and in on for with what why how who router expert device channel base "
+    "station token model answer question hello world once upon time there was small large fast "
+    "slow wireless cell bandwidth latency attention layer mixture experts run send receive wait "
+    "data signal power"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over a fixed vocabulary (< 128 ids), with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}answer"
+    return tok
+
+
+def save_tiny_checkpoint(family: str, folder, **config_overrides):
+    """A loadable local checkpoint folder: tiny random weights + the tiny tokenizer."""
+    model = tiny_model(family)
+    for key, value in config_overrides.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

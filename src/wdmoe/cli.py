@@ -15,7 +15,15 @@ from wdmoe.errors import WdmoeError
 app = typer.Typer(help="WDMoE: wireless distributed Mixture-of-Experts LLMs.", no_args_is_help=True)
 model_app = typer.Typer(help="Build, inspect and split models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def quiet_transformers() -> None:
+    """wdmoe shows its own progress; silence transformers' per-tensor bars and warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def fail(error: Exception) -> typer.Exit:
@@ -28,7 +36,11 @@ class BuildProgress:
 
     def __init__(self) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
         )
         self.tasks: dict[str, int] = {}
 
@@ -46,10 +58,13 @@ class BuildProgress:
 
 
 @model_app.command("build")
-def model_build(force: Annotated[bool, typer.Option(help="Rebuild even if the cache holds it.")] = False) -> None:
+def model_build(
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache holds it.")] = False,
+) -> None:
     """Build the embedded default MoE model (SmolLM2-135M-Instruct, 8 experts) into the cache."""
     from wdmoe.models.default import build_default, default_model_dir
 
+    quiet_transformers()
     path = default_model_dir()
     if (path / "wdmoe.json").exists() and not force:
         err.print(f"already built: {path} (use --force to rebuild)")
@@ -89,6 +104,7 @@ def model_split(
     from wdmoe.models.loading import load_checkpoint
     from wdmoe.models.split import split_model
 
+    quiet_transformers()
     try:
         net, _ = load_checkpoint(model)
         shards = split_model(net, out)
@@ -117,6 +133,7 @@ def generate(
     from wdmoe.models.loading import load_checkpoint
     from wdmoe.policies import make_policy
 
+    quiet_transformers()
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
@@ -124,17 +141,29 @@ def generate(
         if max_new_tokens < 1:
             raise fail(ValueError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}"))
         if temperature < 0 or not 0 < top_p <= 1:
-            raise fail(ValueError(f"--temperature must be ≥ 0 and --top-p in (0, 1], got {temperature}, {top_p}"))
+            raise fail(
+                ValueError(f"--temperature must be ≥ 0 and --top-p in (0, 1], got {temperature}, {top_p}")
+            )
         with BuildProgress() as progress:
             net, tok = load_checkpoint(model, progress=progress)
         wm = install(net, chosen)
         if top_k is not None:
             wm.set_top_k(top_k)
-        err.print(f"[dim]{model} · {wm.adapter.name} · {len(wm.blocks)} MoE layers · "
-                  f"{wm.num_experts} experts · top-{wm.top_k} · policy {policy}[/]")
+        err.print(
+            f"[dim]{model} · {wm.adapter.name} · {len(wm.blocks)} MoE layers · "
+            f"{wm.num_experts} experts · top-{wm.top_k} · policy {policy}[/]"
+        )
         result = run_generate(
-            wm, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, chat=chat, system=system, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+            wm,
+            tok,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            chat=chat,
+            system=system,
+            on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
         )
     except WdmoeError as e:
         raise fail(e) from e

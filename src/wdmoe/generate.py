@@ -61,7 +61,9 @@ def encode_prompt(tok: PreTrainedTokenizerBase, prompt: str, chat: bool, system:
     if not prompt.strip():
         raise PromptError("the prompt is empty; give some text to continue or a question to answer")
     if chat and tok.chat_template:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     else:
         ids = tok(prompt)["input_ids"]
@@ -95,7 +97,11 @@ def generate(
             f"of {limit} tokens; shorten the prompt or lower --max-new-tokens"
         )
     streamer = CallbackStreamer(tok, on_text or (lambda _: None))
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     torch.manual_seed(seed)
     wm.recorder.clear()
     wm.recorder.enabled = True

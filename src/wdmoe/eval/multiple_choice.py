@@ -49,7 +49,9 @@ def loglikelihoods(
             seq = requests[i][0]
             ids[r, : len(seq)] = torch.tensor(seq)
             mask[r, : len(seq)] = 1
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        logp = torch.log_softmax(
+            model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1
+        )
         for r, i in enumerate(idx):
             seq, n_cont = requests[i]
             pos = torch.arange(len(seq) - n_cont, len(seq))

@@ -45,5 +45,7 @@ def query_choice_items(path: Path, limit: int | None = None) -> list[ChoiceItem]
         query = row["query"].strip()
         if not query.startswith("Question:"):
             query = f"Question: {query}"
-        items.append(ChoiceItem(f"{query}\nAnswer:", tuple(f" {c}" for c in row["choices"]), int(row["gold"])))
+        items.append(
+            ChoiceItem(f"{query}\nAnswer:", tuple(f" {c}" for c in row["choices"]), int(row["gold"]))
+        )
     return items

@@ -65,7 +65,9 @@ def adapter_for(model: nn.Module) -> MoEAdapter:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for name in ADAPTERS:
         adapter = ADAPTERS.get(name)
-        if model_type in adapter.model_types and any(adapter.is_moe_block(layer.mlp) for layer in decoder_layers(model)):
+        if model_type in adapter.model_types and any(
+            adapter.is_moe_block(layer.mlp) for layer in decoder_layers(model)
+        ):
             return adapter
     supported = sorted({t for n in ADAPTERS for t in ADAPTERS.get(n).model_types} - {"llama"})
     raise UnsupportedModelError(
@@ -78,6 +80,7 @@ def moe_blocks(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
     """(decoder layer index, MoE block) for every layer whose FFN is a sparse MoE block."""
     for i, layer in enumerate(decoder_layers(model)):
         mlp = layer.mlp
-        if isinstance(mlp, WirelessMoEBlock) or (hasattr(mlp, "experts") and hasattr(mlp.experts, "gate_up_proj")):
+        if isinstance(mlp, WirelessMoEBlock) or (
+            hasattr(mlp, "experts") and hasattr(mlp.experts, "gate_up_proj")
+        ):
             yield i, mlp
-

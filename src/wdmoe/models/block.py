@@ -49,7 +49,9 @@ def drop_failed(route: RouterOutput, sel: Selection, failed: list[int]) -> Selec
     weights = sel.weights * keep
     if route.renormalize:
         kept = weights.sum(dim=-1, keepdim=True)
-        weights = torch.where(kept > 0, weights * sel.weights.sum(-1, keepdim=True) / kept.clamp_min(1e-30), 0.0)
+        weights = torch.where(
+            kept > 0, weights * sel.weights.sum(-1, keepdim=True) / kept.clamp_min(1e-30), 0.0
+        )
     return Selection(keep=keep, weights=weights)
 
 
@@ -95,7 +97,14 @@ class WirelessMoEBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         self.recorder.record(
-            LayerTrace(self.layer, route.logits.detach(), route.candidates, sel.keep, sel.weights.detach(), tuple(failed))
+            LayerTrace(
+                self.layer,
+                route.logits.detach(),
+                route.candidates,
+                sel.keep,
+                sel.weights.detach(),
+                tuple(failed),
+            )
         )
         return out.reshape(hidden.shape)
 

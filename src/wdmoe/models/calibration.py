@@ -47,4 +47,4 @@ def python_docs_prose() -> list[str]:
 
 def calibration_texts() -> list[str]:
     """All calibration documents, in a fixed order."""
-    return list(shakespeare_plays().values()) + ["\n\n".join(python_docs_prose())]
+    return [*shakespeare_plays().values(), "\n\n".join(python_docs_prose())]

@@ -120,7 +120,9 @@ def fit_routers(model: nn.Module, batches: torch.Tensor, recipe: Recipe, progres
         progress("fitting routers", i + 1, len(layers))
 
 
-def build_default(recipe: Recipe = Recipe(), progress: Progress | None = None, out: Path | None = None) -> Path:
+def build_default(
+    recipe: Recipe = Recipe(), progress: Progress | None = None, out: Path | None = None
+) -> Path:
     """Build the MoEfied default model into the cache and return its folder."""
     report = progress or (lambda stage, done, total: None)
     out = out or default_model_dir(recipe)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
 
@@ -50,4 +50,3 @@ class FusedExperts(nn.Module):
 
     def expert(self, e: int) -> ExpertWeights:
         return ExpertWeights(self.gate_up_proj[e].detach(), self.down_proj[e].detach(), self.act_name)
-

@@ -47,7 +47,9 @@ class WirelessModel:
         return LocalDispatcher({i: b.experts for i, b in self.blocks.items()})
 
 
-def install(model: nn.Module, policy: Policy | None = None, dispatcher: Dispatcher | None = None) -> WirelessModel:
+def install(
+    model: nn.Module, policy: Policy | None = None, dispatcher: Dispatcher | None = None
+) -> WirelessModel:
     """Replace every sparse MoE block of ``model`` (in place) and return the handle.
 
     Defaults: the ``topk`` policy (keeps every candidate) and the in-process dispatcher, which

@@ -11,7 +11,7 @@ each expert's predicted share of the output norm: its importance to the token.
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from wdmoe.models.experts import FusedExperts
 
@@ -103,7 +103,6 @@ def moefy_mlp(mlp: nn.Module, order: torch.Tensor, num_experts: int, top_k: int,
 
 def expert_output_norms(experts: FusedExperts, x: torch.Tensor) -> torch.Tensor:
     """‖expert_e(x_t)‖₂ for every token and expert: x [T, D] → [T, E] (the oracle's scores)."""
-    e, two_f, d = experts.gate_up_proj.shape
     h = torch.einsum("td,efd->etf", x, experts.gate_up_proj)
     gate, up = h.chunk(2, dim=-1)
     y = torch.einsum("etf,edf->etd", experts.act_fn(gate) * up, experts.down_proj)

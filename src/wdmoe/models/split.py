@@ -48,9 +48,16 @@ def expert_shard(model: nn.Module, layer: int, expert: int) -> ExpertWeights:
 
 
 def save_expert_shard(weights: ExpertWeights, shard: ShardId, folder: Path) -> Path:
-    meta = {"layer": str(shard.layer), "expert": str(shard.expert), "act": weights.act, "format": "wdmoe-expert/1"}
+    meta = {
+        "layer": str(shard.layer),
+        "expert": str(shard.expert),
+        "act": weights.act,
+        "format": "wdmoe-expert/1",
+    }
     path = folder / shard.filename
-    save_file({"gate_up": weights.gate_up.contiguous(), "down": weights.down.contiguous()}, str(path), metadata=meta)
+    save_file(
+        {"gate_up": weights.gate_up.contiguous(), "down": weights.down.contiguous()}, str(path), metadata=meta
+    )
     return path
 
 
@@ -102,8 +109,8 @@ def load_bs_part(model: nn.Module, folder: Path) -> list[str]:
 
 
 def tied_names(model: nn.Module) -> set[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or {}
-    return set(keys) if not isinstance(keys, dict) else set(keys)
+    """Parameter names that alias another (tied embeddings): absent from the file by design."""
+    return set(getattr(model, "_tied_weights_keys", None) or ())
 
 
 def load_shards_into(model: nn.Module, paths: Iterable[Path]) -> None:

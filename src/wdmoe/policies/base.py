@@ -17,8 +17,7 @@ class Policy(Protocol):
 
     name: str
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection:
-        ...
+    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection: ...
 
 
 def mask_selection(route: RouterOutput, keep: torch.Tensor) -> Selection:
