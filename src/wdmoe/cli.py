@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from wdmoe.errors import WdmoeError
 
@@ -16,6 +16,11 @@ app = typer.Typer(help="WDMoE: wireless distributed Mixture-of-Experts LLMs.", n
 model_app = typer.Typer(help="Build, inspect and split models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 err = Console(stderr=True, soft_wrap=True)
+
+
+def stream_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def quiet_transformers() -> None:
@@ -42,7 +47,7 @@ class BuildProgress:
             TimeElapsedColumn(),
             console=err,
         )
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> "BuildProgress":
         self.progress.start()
@@ -163,7 +168,7 @@ def generate(
             seed=seed,
             chat=chat,
             system=system,
-            on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+            on_text=stream_to_stdout,
         )
     except WdmoeError as e:
         raise fail(e) from e

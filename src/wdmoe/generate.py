@@ -3,6 +3,7 @@
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -10,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from wdmoe.errors import PromptError
 from wdmoe.models.install import WirelessModel
+from wdmoe.types import CausalLM
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class CallbackStreamer(BaseStreamer):
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.ids.extend(value.reshape(-1).tolist())
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = str(self.tok.decode(self.ids, skip_special_tokens=True))
         if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
             self.on_text(text[self.shown :])
             self.shown = len(text)
 
     def end(self) -> None:
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = str(self.tok.decode(self.ids, skip_special_tokens=True))
         if len(text) > self.shown:
             self.on_text(text[self.shown :])
 
@@ -64,13 +66,14 @@ def encode_prompt(tok: PreTrainedTokenizerBase, prompt: str, chat: bool, system:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        encoded: Any = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        ids = encoded["input_ids"]
     else:
         ids = tok(prompt)["input_ids"]
     return torch.tensor([ids])
 
 
-def context_length(model: torch.nn.Module) -> int:
+def context_length(model: CausalLM) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))
 
 
@@ -125,7 +128,7 @@ def generate(
     first = streamer.first_token_at or t1
     new = out[0, ids.shape[1] :]
     return GenerationResult(
-        text=tok.decode(new, skip_special_tokens=True),
+        text=str(tok.decode(new, skip_special_tokens=True)),
         prompt_tokens=int(ids.shape[1]),
         new_tokens=int(new.numel()),
         prefill_s=first - t0,

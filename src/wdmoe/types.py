@@ -1,11 +1,14 @@
 """Values that flow between stages (frozen dataclasses; shapes follow the legend in ``wdmoe``)."""
 
 from dataclasses import dataclass
-from typing import NewType
+from typing import Any, NewType
 
 import torch
 
 LayerId = NewType("LayerId", int)
+# A transformers causal LM (PreTrainedModel). Its submodules (model.layers[i].mlp.experts, …) are
+# resolved at run time, so the static type is open; adapters check the structure when installing.
+CausalLM = Any
 ExpertId = NewType("ExpertId", int)
 
 

@@ -8,6 +8,7 @@ candidate matters, and whether a shared expert runs beside the routed ones.
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -15,6 +16,7 @@ from transformers import PretrainedConfig
 from wdmoe.errors import UnsupportedModelError
 from wdmoe.models.block import ImportanceFn, WirelessMoEBlock, softmax_importance
 from wdmoe.registry import Registry
+from wdmoe.types import CausalLM
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class MoEAdapter:
             return False
         return True if self.norm_flag is None else bool(getattr(config, self.norm_flag))
 
-    def is_moe_block(self, module: nn.Module) -> bool:
+    def is_moe_block(self, module: Any) -> bool:
         experts = getattr(module, "experts", None)
         return hasattr(module, "gate") and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")
 
@@ -52,7 +54,7 @@ for _adapter in (
     ADAPTERS.register(_adapter.name)(_adapter)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: CausalLM) -> nn.ModuleList:
     """The decoder layers of a causal LM (``model.model.layers`` for every supported family)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -60,7 +62,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def adapter_for(model: nn.Module) -> MoEAdapter:
+def adapter_for(model: CausalLM) -> MoEAdapter:
     """Find the adapter by the model's config type; raise a clear error when there is none."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for name in ADAPTERS:
@@ -76,7 +78,7 @@ def adapter_for(model: nn.Module) -> MoEAdapter:
     )
 
 
-def moe_blocks(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+def moe_blocks(model: CausalLM) -> Iterator[tuple[int, Any]]:
     """(decoder layer index, MoE block) for every layer whose FFN is a sparse MoE block."""
     for i, layer in enumerate(decoder_layers(model)):
         mlp = layer.mlp

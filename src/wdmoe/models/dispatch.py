@@ -5,7 +5,7 @@ the in-process one here, the simulated one and the remote one are interchangeabl
 """
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -23,7 +23,7 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """Runs every expert in this process from the model's own fused expert tensors."""
 
-    def __init__(self, experts_by_layer: Mapping[int, torch.nn.Module]) -> None:
+    def __init__(self, experts_by_layer: Mapping[int, Any]) -> None:
         self.experts_by_layer = experts_by_layer
 
     def run(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -2,20 +2,19 @@
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from wdmoe.errors import ConfigError
 from wdmoe.models.adapters import MoEAdapter, adapter_for, decoder_layers, moe_blocks
 from wdmoe.models.block import Recorder, WirelessMoEBlock
 from wdmoe.models.dispatch import Dispatcher, LocalDispatcher
 from wdmoe.policies import Policy, make_policy
+from wdmoe.types import CausalLM
 
 
 @dataclass
 class WirelessModel:
     """A model with wdmoe installed: its blocks, the shared recorder, and knobs to turn."""
 
-    model: nn.Module
+    model: CausalLM
     adapter: MoEAdapter
     blocks: dict[int, WirelessMoEBlock]
     recorder: Recorder
@@ -48,7 +47,7 @@ class WirelessModel:
 
 
 def install(
-    model: nn.Module, policy: Policy | None = None, dispatcher: Dispatcher | None = None
+    model: CausalLM, policy: Policy | None = None, dispatcher: Dispatcher | None = None
 ) -> WirelessModel:
     """Replace every sparse MoE block of ``model`` (in place) and return the handle.
 

@@ -5,12 +5,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from wdmoe.errors import ModelNotFoundError, UnsupportedModelError
 from wdmoe.models.adapters import ADAPTERS
 from wdmoe.models.default import load_default, load_moefied
+from wdmoe.types import CausalLM
 
 DEFAULT = "default"
 
@@ -21,7 +21,7 @@ def supported_model_types() -> list[str]:
 
 def load_checkpoint(
     spec: str, top_k: int | None = None, progress: Callable[[str, int, int], None] | None = None
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """``default`` (built on first use), a MoEfied folder, or a local transformers checkpoint folder."""
     if spec == DEFAULT:
         return load_default(top_k=top_k, progress=progress)

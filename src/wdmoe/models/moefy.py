@@ -8,6 +8,8 @@ the model's own activations), and the top-k experts by predicted norm run. softm
 each expert's predicted share of the output norm: its importance to the token.
 """
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -87,7 +89,7 @@ def partition_layer(gate_w: torch.Tensor, num_experts: int, seed: int) -> torch.
     return torch.from_numpy(np.argsort(labels, kind="stable"))
 
 
-def moefy_mlp(mlp: nn.Module, order: torch.Tensor, num_experts: int, top_k: int, act: str) -> MoEfiedMLP:
+def moefy_mlp(mlp: Any, order: torch.Tensor, num_experts: int, top_k: int, act: str) -> MoEfiedMLP:
     """Build a MoEfiedMLP from a dense LlamaMLP-like module and a neuron order [F]."""
     f, d = mlp.gate_proj.weight.shape
     fe = f // num_experts

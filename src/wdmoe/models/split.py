@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from wdmoe.errors import ModelNotFoundError
 from wdmoe.models.adapters import moe_blocks
 from wdmoe.models.experts import ExpertWeights
+from wdmoe.types import CausalLM
 
 EXPERT_PARAMS = (".experts.gate_up_proj", ".experts.down_proj")
 BS_FILE = "bs.safetensors"
@@ -37,7 +37,7 @@ def is_expert_param(name: str) -> bool:
     return name.endswith(EXPERT_PARAMS)
 
 
-def expert_shard(model: nn.Module, layer: int, expert: int) -> ExpertWeights:
+def expert_shard(model: CausalLM, layer: int, expert: int) -> ExpertWeights:
     """The weights of one expert, copied out of the fused tensors."""
     experts = dict(moe_blocks(model))[layer].experts
     return ExpertWeights(
@@ -71,7 +71,7 @@ def load_expert_shard(path: Path) -> tuple[ShardId, ExpertWeights]:
     return ShardId(int(meta["layer"]), int(meta["expert"])), weights
 
 
-def split_model(model: nn.Module, folder: Path) -> list[Path]:
+def split_model(model: CausalLM, folder: Path) -> list[Path]:
     """Write ``bs.safetensors`` (+ config.json) and one shard per (layer, expert); return the shards."""
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -99,7 +99,7 @@ def dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_bs_part(model: nn.Module, folder: Path) -> list[str]:
+def load_bs_part(model: CausalLM, folder: Path) -> list[str]:
     """Load the BS part into ``model``; return the names it did not provide (the experts)."""
     with safe_open(str(folder / BS_FILE), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
@@ -108,12 +108,12 @@ def load_bs_part(model: nn.Module, folder: Path) -> list[str]:
     return [k for k in result.missing_keys if not is_expert_param(k) and k not in tied_names(model)]
 
 
-def tied_names(model: nn.Module) -> set[str]:
+def tied_names(model: CausalLM) -> set[str]:
     """Parameter names that alias another (tied embeddings): absent from the file by design."""
     return set(getattr(model, "_tied_weights_keys", None) or ())
 
 
-def load_shards_into(model: nn.Module, paths: Iterable[Path]) -> None:
+def load_shards_into(model: CausalLM, paths: Iterable[Path]) -> None:
     """Copy expert shards back into the fused expert tensors of ``model``."""
     blocks = dict(moe_blocks(model))
     with torch.no_grad():
