@@ -3,7 +3,7 @@
     python benchmarks/default_model.py [--tokens 64] [--rounds 3] [--skip-build]
 
 1. Builds the default model into a fresh temporary cache in a child process: wall time and the
-   child's peak resident memory.
+   child's peak resident memory; its weights must be byte-identical to the cached build.
 2. Greedy generation, the same prompt and token count, alternating between three models in each
    round (so machine noise hits all alike): the dense SmolLM2 (plain transformers), the MoEfied
    model as plain modules (no wdmoe), and the same model with wdmoe installed (`topk`).
@@ -12,17 +12,19 @@
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from wdmoe.generate import encode_prompt
-from wdmoe.models.default import load_default, load_dense
+from wdmoe.models.default import default_model_dir, load_default, load_dense
 from wdmoe.models.install import install
 
 PROMPT = "Explain why the sky is blue to a ten-year-old."
@@ -33,8 +35,8 @@ def build_in_child() -> dict:
         code = (
             "import json, resource, time; t = time.perf_counter()\n"
             "from wdmoe.models.default import build_default\n"
-            "build_default()\n"
-            "print(json.dumps({'build_s': time.perf_counter() - t,"
+            "path = build_default()\n"
+            "print(json.dumps({'build_s': time.perf_counter() - t, 'path': str(path),"
             " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
         )
         out = subprocess.run(
@@ -44,7 +46,13 @@ def build_in_child() -> dict:
             text=True,
             check=True,
         )
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        info["sha256"] = file_sha256(Path(info.pop("path")) / "model.safetensors")
+        return info
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @torch.no_grad()
@@ -81,6 +89,10 @@ def main() -> None:
         )
     dense, tok = load_dense()
     plain, _ = load_default()
+    if "build" in result:
+        same = result["build"]["sha256"] == file_sha256(default_model_dir() / "model.safetensors")
+        result["build"]["identical_to_cached_build"] = same
+        print(f"deterministic build: fresh build {'==' if same else '!='} cached build (sha256 of weights)")
     wired = copy.deepcopy(plain)
     install(wired)
     ids = encode_prompt(tok, PROMPT, chat=True, system=None)

@@ -100,28 +100,31 @@ class WirelessMoEBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        self.recorder.record(
-            LayerTrace(
-                self.layer,
-                route.logits.detach(),
-                route.candidates,
-                sel.keep,
-                sel.weights.detach(),
-                tuple(failed),
+        if self.recorder.enabled:
+            self.recorder.record(
+                LayerTrace(
+                    self.layer,
+                    route.logits.detach(),
+                    route.candidates,
+                    sel.keep,
+                    sel.weights.detach(),
+                    tuple(failed),
+                )
             )
-        )
         return out.reshape(hidden.shape)
 
     def dispatch_and_combine(
         self, x: torch.Tensor, route: RouterOutput, sel: Selection
     ) -> tuple[torch.Tensor, Selection, list[int]]:
         """Send each selected expert its tokens, then y_t = Σ_k w_tk · expert_k(x_t)."""
-        chosen = torch.where(sel.keep, route.candidates, route.num_experts)
+        n_exp, k = route.num_experts, route.top_k
+        chosen = torch.where(sel.keep, route.candidates, n_exp).reshape(-1)  # [T·K], E = dropped
+        order = torch.argsort(chosen, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(chosen, minlength=n_exp + 1).tolist()
         plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e in torch.unique(chosen).tolist():
-            if e < route.num_experts:
-                slot, token = torch.where((chosen == e).T)
-                plan[e] = (token, slot)
+        for e, pairs in enumerate(torch.split(order, counts)[:n_exp]):
+            if len(pairs):
+                plan[e] = (pairs // k, pairs % k)  # (token ids, slot ids)
         outputs = self.dispatcher.run(self.layer, {e: x[token] for e, (token, _) in plan.items()})
         failed = [e for e in plan if e not in outputs]
         if failed:
