@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from wdmoe.cli import app
 from wdmoe.generate import generate
-from wdmoe.models.default import Recipe, default_model_dir, load_default, load_dense
+from wdmoe.models.default import DEFAULT_TOP_K, default_model_dir, load_default, load_dense
 from wdmoe.models.install import install
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ def test_build_is_cached_with_its_recipe(default):
     path = default_model_dir()
     assert (path / "wdmoe.json").is_file() and (path / "model.safetensors").is_file()
     wm, _ = default
-    assert len(wm.blocks) == 30 and wm.num_experts == 8 and wm.top_k == Recipe().top_k
+    assert len(wm.blocks) == 30 and wm.num_experts == 8 and wm.top_k == DEFAULT_TOP_K
     assert wm.blocks[0].experts.gate_up_proj.shape == (8, 384, 576)
 
 
@@ -33,7 +33,7 @@ def test_all_eight_experts_equal_the_dense_model(default):
     try:
         diff = (wm.model(ids).logits - dense(ids).logits).abs().max()
     finally:
-        wm.set_top_k(Recipe().top_k)
+        wm.set_top_k(DEFAULT_TOP_K)
     assert diff <= 1e-3, f"MoE(8/8) vs dense max |Δlogit| = {diff}"
 
 
@@ -41,7 +41,7 @@ def test_generate_end_to_end_with_the_default_top_k(default):
     wm, tok = default
     result = generate(wm, tok, "What is the capital of France?", max_new_tokens=12)
     assert result.new_tokens == 12 and result.text.strip()
-    assert result.experts_per_token == pytest.approx(Recipe().top_k)
+    assert result.experts_per_token == pytest.approx(DEFAULT_TOP_K)
     assert "Paris" in result.text
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from wdmoe.models.default import Recipe, moefy
+from wdmoe.models.default import moefy
 from wdmoe.models.install import install
 from wdmoe.models.moefy import balanced_kmeans, expert_output_norms, fit_ridge, partition_layer
 
@@ -45,7 +45,7 @@ def test_moefied_with_all_experts_equals_dense_and_drops_change_it():
     ids = torch.randint(0, 64, (2, 10))
     ref = dense(ids).logits
     orders = [partition_layer(layer.mlp.gate_proj.weight, 8, i) for i, layer in enumerate(dense.model.layers)]
-    moefy(dense, orders, Recipe(num_experts=8, top_k=8))
+    moefy(dense, orders, num_experts=8, top_k=8)
     assert (dense(ids).logits - ref).abs().max() <= 1e-5
     wm = install(dense)
     assert wm.adapter.name == "moefied" and not wm.blocks[0].renormalize
@@ -56,7 +56,7 @@ def test_moefied_with_all_experts_equals_dense_and_drops_change_it():
 
 def test_expert_norms_match_a_loop_and_ridge_recovers_a_linear_map():
     dense = tiny_llama()
-    moefy(dense, [torch.arange(64)] * 2, Recipe(num_experts=4, top_k=4))
+    moefy(dense, [torch.arange(64)] * 2, num_experts=4, top_k=4)
     experts = dense.model.layers[0].mlp.experts
     x = torch.randn(5, 32)
     loop = torch.stack(
