@@ -30,6 +30,18 @@ def evaluate(model: torch.nn.Module, tok, tasks: dict) -> dict:
     return row
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table (acc / acc_norm per task), as quoted in docs/."""
+    head = "| model | k | " + " | ".join(f"{t} acc | {t} acc_norm" for t in TASKS) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(TASKS))]
+    for r in rows:
+        cells = " | ".join(
+            f"{r[t]['acc']:.3f} ± {r[t]['acc_stderr']:.3f} | {r[t]['acc_norm']:.3f}" for t in TASKS
+        )
+        lines.append(f"| {r['model']} | {r['k'] or '—'} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=300)
@@ -61,6 +73,7 @@ def main() -> None:
                 layer.mlp.gate = gate if router == "learned" else OracleRouter(layer.mlp.experts, k)
                 layer.mlp.gate.top_k = k
             emit(router, k, evaluate(model, tok, tasks), t0)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from wdmoe.errors import WdmoeError
+from wdmoe.policies import POLICIES
 
 app = typer.Typer(help="WDMoE: wireless distributed Mixture-of-Experts LLMs.", no_args_is_help=True)
 model_app = typer.Typer(help="Build, inspect and split models.", no_args_is_help=True)
@@ -123,7 +124,9 @@ def model_split(
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user's prompt ('-' reads standard input).")],
     model: Annotated[str, typer.Option(help="'default' or a local checkpoint folder.")] = "default",
-    policy: Annotated[str, typer.Option(help="Expert selection policy.")] = "topk",
+    policy: Annotated[
+        str, typer.Option(help=f"Expert selection policy: {', '.join(POLICIES.names())}.")
+    ] = "topk",
     top_k: Annotated[int | None, typer.Option("--top-k", help="Router candidates per token.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
