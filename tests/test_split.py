@@ -36,3 +36,17 @@ def test_bs_part_holds_no_expert_and_shard_runs_alone(tmp_path):
     x = torch.randn(3, 32)
     ref = experts(x, torch.full((3, 1), 5), torch.ones(3, 1))
     assert torch.allclose(run_expert(w, x), ref, atol=1e-6)
+
+
+def test_tied_embeddings_survive_the_split(tmp_path):
+    model = tiny_model("mixtral")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    shards = split_model(model, tmp_path)
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), dtype=torch.float32).eval()
+    assert load_bs_part(fresh, tmp_path) == []
+    load_shards_into(fresh, shards)
+    ids = torch.randint(0, 128, (1, 6))
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert (fresh(ids).logits - model(ids).logits).abs().max() <= 1e-6
