@@ -40,7 +40,7 @@ def test_all_eight_experts_equal_the_dense_model(default):
 def test_generate_end_to_end_with_the_default_top_k(default):
     wm, tok = default
     result = generate(wm, tok, "What is the capital of France?", max_new_tokens=12)
-    assert result.new_tokens == 12 and result.text.strip()
+    assert 1 <= result.new_tokens <= 12 and result.text.strip()
     assert result.experts_per_token == pytest.approx(DEFAULT_TOP_K)
     assert "Paris" in result.text
 
