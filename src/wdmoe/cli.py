@@ -1,6 +1,7 @@
 """The ``wdmoe`` command line: thin subcommands over the library."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ def quiet_transformers() -> None:
     """wdmoe shows its own progress; silence transformers' per-tensor bars and warnings."""
     from transformers.utils import logging as hf_logging
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's bar is a plain tqdm
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
