@@ -11,12 +11,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from wdmoe.cli_cell import cell_app
 from wdmoe.errors import WdmoeError
 from wdmoe.policies import POLICIES
 
 app = typer.Typer(help="WDMoE: wireless distributed Mixture-of-Experts LLMs.", no_args_is_help=True)
 model_app = typer.Typer(help="Build, inspect and split models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(cell_app, name="cell")
 err = Console(stderr=True, soft_wrap=True)
 
 
