@@ -7,6 +7,7 @@ from transformers import (
     OlmoeConfig,
     PretrainedConfig,
     Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 COMMON = dict(
@@ -33,6 +34,17 @@ def tiny_config(family: str) -> PretrainedConfig:
             norm_topk_prob=False,
             decoder_sparse_step=1,
         )
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+        )
     if family == "olmoe":
         return OlmoeConfig(
             **COMMON,
@@ -47,7 +59,7 @@ def tiny_config(family: str) -> PretrainedConfig:
     raise KeyError(family)
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
