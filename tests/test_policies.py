@@ -106,5 +106,8 @@ def test_topk_policy_k_drops_lowest_candidates():
 
 
 def test_unknown_policy_names_the_choices():
-    with pytest.raises(UnknownNameError, match="unknown policy 'fastest'; choose one of: topk"):
+    with pytest.raises(
+        UnknownNameError,
+        match="unknown policy 'fastest'; choose one of: budget, joint, slo, topk, topp, wdmoe, wdmoe-j",
+    ):
         make_policy("fastest")

@@ -82,6 +82,7 @@ class WirelessMoEBlock(nn.Module):
         self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
         self.renormalize, self.importance = renormalize, importance
         self.policy, self.dispatcher, self.recorder = policy, dispatcher, recorder
+        self.context: tuple[Any, Any] = (None, None)  # (channel, latency) the policy decides on
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """Run the model's own router on x [T, D]."""
@@ -92,7 +93,7 @@ class WirelessMoEBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
         route = self.route(x)
-        sel = self.policy.select(route)
+        sel = self.policy.select(route, *self.context)
         check_selection(route, sel)
         out, sel, failed = self.dispatch_and_combine(x, route, sel)
         if self.shared_expert is not None:

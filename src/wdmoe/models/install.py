@@ -1,6 +1,7 @@
 """Install wdmoe into a loaded model: swap each sparse MoE block for a WirelessMoEBlock."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from wdmoe.errors import ConfigError
 from wdmoe.models.adapters import MoEAdapter, adapter_for, decoder_layers, moe_blocks
@@ -30,6 +31,11 @@ class WirelessModel:
     def set_policy(self, policy: Policy) -> None:
         for block in self.blocks.values():
             block.policy = policy
+
+    def set_context(self, channel: Any = None, latency: Any = None) -> None:
+        """The snapshot every block hands its policy: select(route, channel, latency)."""
+        for block in self.blocks.values():
+            block.context = (channel, latency)
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         for block in self.blocks.values():

@@ -2,8 +2,15 @@
 
 from typing import Any
 
+from wdmoe.policies import budget as _budget  # noqa: F401  (registers "budget")
+from wdmoe.policies import joint as _joint  # noqa: F401  (registers "joint")
+from wdmoe.policies import slo as _slo  # noqa: F401  (registers "slo")
 from wdmoe.policies import topk as _topk  # noqa: F401  (registers "topk")
+from wdmoe.policies import topp as _topp  # noqa: F401  (registers "topp")
+from wdmoe.policies import wdmoe as _wdmoe  # noqa: F401  (registers "wdmoe")
+from wdmoe.policies import wdmoe_j as _wdmoe_j  # noqa: F401  (registers "wdmoe-j")
 from wdmoe.policies.base import Policy, check_selection, mask_selection
+from wdmoe.policies.costs import ExpertLatency, bs_estimate, noisy_csi
 from wdmoe.policies.registry import POLICIES
 
 
@@ -13,4 +20,13 @@ def make_policy(name: str, **params: Any) -> Policy:
     return policy
 
 
-__all__ = ["POLICIES", "Policy", "check_selection", "make_policy", "mask_selection"]
+__all__ = [
+    "POLICIES",
+    "ExpertLatency",
+    "Policy",
+    "bs_estimate",
+    "check_selection",
+    "make_policy",
+    "mask_selection",
+    "noisy_csi",
+]

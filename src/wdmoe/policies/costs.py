@@ -1,0 +1,163 @@
+"""What the BS believes an expert costs now: the latency view a channel-aware policy receives.
+
+A policy decides on the channel *as the BS estimates it* (possibly stale or noisy CSI), while
+the simulator accounts latency on the true channel; both go through the same arithmetic of
+:mod:`wdmoe.latency` (nothing is re-derived here):
+
+    n_u   = Σ_{e: place(e) = u} n_e          tokens of device u (one message per device and layer)
+    t_u   = device_time_s(layer_demand(n_u, C_u, cost), channel, B_u)                      [s]
+    t_e   = t_{place(e)}(n = 1)              per-expert per-token latency, what WLR divides by
+
+Shapes: placement [E] (expert → device), C_u and B_u [U]; loads [..., E] or [..., U].
+"""
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wdmoe.channel.state import ChannelState, Link
+from wdmoe.channel.units import FloatArray, db_to_linear
+from wdmoe.config import check_range
+from wdmoe.devices import devices_for, effective_flops_per_s
+from wdmoe.errors import ConfigError
+from wdmoe.latency import ExpertCost, device_time_s, layer_demand, waiting_s
+
+if TYPE_CHECKING:
+    from wdmoe.allocation.base import Allocator
+    from wdmoe.channel.trace import ChannelTrace
+    from wdmoe.config import ScenarioConfig
+
+IntArray = NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class ExpertLatency:
+    """A snapshot of expert costs: channel estimate, expert cost, compute, placement, bandwidth.
+
+    channel: the BS's channel estimate; cost: message sizes / FLOPs / τ0; flops_per_s: C_u [U];
+    placement: device of each expert [E]; bandwidth_hz: B_u [U] per direction.
+    """
+
+    channel: ChannelState
+    cost: ExpertCost
+    flops_per_s: FloatArray
+    placement: IntArray
+    bandwidth_hz: FloatArray
+
+    def __post_init__(self) -> None:
+        u = self.channel.num_devices
+        assert self.flops_per_s.shape == (u,), f"flops_per_s {self.flops_per_s.shape} != ({u},)"
+        assert self.bandwidth_hz.shape == (u,), f"bandwidth_hz {self.bandwidth_hz.shape} != ({u},)"
+        assert self.placement.ndim == 1 and self.placement.min() >= 0 and self.placement.max() < u, (
+            f"placement {self.placement} must map experts to devices 0..{u - 1}"
+        )
+        for array in (self.flops_per_s, self.placement, self.bandwidth_hz):
+            array.setflags(write=False)
+
+    @classmethod
+    def build(
+        cls,
+        channel: ChannelState,
+        cost: ExpertCost,
+        flops_per_s: Any,
+        placement: Any = None,
+        bandwidth_hz: Any = None,
+    ) -> "ExpertLatency":
+        """Defaults: expert e on device e (E = U) and the equal split B/U."""
+        u = channel.num_devices
+        place = np.arange(u) if placement is None else np.asarray(placement, dtype=np.int64)
+        band = channel.equal_share_hz() if bandwidth_hz is None else np.array(bandwidth_hz, np.float64)
+        flops = np.broadcast_to(np.asarray(flops_per_s, dtype=np.float64), (u,)).copy()
+        return cls(channel, cost, flops, place.astype(np.int64), band)
+
+    @classmethod
+    def from_scenario(
+        cls,
+        scenario: "ScenarioConfig",
+        channel: ChannelState,
+        placement: Any = None,
+        bandwidth_hz: Any = None,
+    ) -> "ExpertLatency":
+        """The scenario's expert cost and device classes on ``channel``."""
+        flops = effective_flops_per_s(devices_for(scenario.cell.device_classes, channel.num_devices))
+        return cls.build(channel, ExpertCost.from_config(scenario), flops, placement, bandwidth_hz)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.placement.shape[0])
+
+    def device_tokens(self, expert_tokens: Any) -> FloatArray:
+        """n_u [..., U] = Σ_{e on u} n_e from expert loads n_e [..., E]."""
+        n = np.asarray(expert_tokens, dtype=np.float64)
+        onehot = np.eye(self.channel.num_devices)[self.placement]  # [E, U]
+        return np.asarray(n @ onehot)
+
+    def device_time_s(self, device_tokens: Any) -> FloatArray:
+        """t_u [..., U] for device loads n_u [..., U] on the estimated channel at B_u."""
+        demand = layer_demand(device_tokens, self.flops_per_s, self.cost)
+        return device_time_s(demand, self.channel, self.bandwidth_hz)
+
+    def expert_time_s(self, expert_tokens: Any) -> FloatArray:
+        """[..., E] the time of each expert's device when the experts carry loads n_e [..., E]."""
+        return self.device_time_s(self.device_tokens(expert_tokens))[..., self.placement]
+
+    def per_token_s(self) -> FloatArray:
+        """t_e [E]: the time of expert e's device serving one token alone (the WLR denominator)."""
+        return self.device_time_s(np.ones(self.channel.num_devices))[self.placement]
+
+    def layer_time_s(self, expert_tokens: Any) -> FloatArray:
+        """T_l [...] = the slowest device with work, for expert loads n_e [..., E]."""
+        n_u = self.device_tokens(expert_tokens)
+        return waiting_s(self.device_time_s(n_u), n_u)
+
+    def with_bandwidth(self, bandwidth_hz: Any) -> "ExpertLatency":
+        return replace(self, bandwidth_hz=np.array(bandwidth_hz, dtype=np.float64))
+
+    def allocate(self, allocator: "Allocator", expert_tokens: Any) -> "ExpertLatency":
+        """The same view with the allocator's split of the band for expert loads n_e [E]."""
+        demand = layer_demand(self.device_tokens(expert_tokens), self.flops_per_s, self.cost)
+        return self.with_bandwidth(allocator.allocate(demand, self.channel).bandwidth_hz)
+
+
+def require_latency(policy: str, latency: Any) -> ExpertLatency:
+    """The latency view a channel-aware policy needs, or a ConfigError that says how to give it."""
+    if not isinstance(latency, ExpertLatency):
+        raise ConfigError(
+            f"policy {policy!r} is channel-aware and needs an ExpertLatency snapshot, got "
+            f"{type(latency).__name__}; pass it as select(route, channel, latency) or via "
+            "WirelessModel.set_context(channel, latency)"
+        )
+    return latency
+
+
+# --- the BS's channel estimate ----------------------------------------------------------------
+
+
+def _perturb(link: Link, error_db: FloatArray) -> Link:
+    scale = db_to_linear(error_db)
+    return replace(link, gain=link.gain * scale, snr_hz=link.snr_hz * scale)
+
+
+def noisy_csi(true: ChannelState, rng: np.random.Generator, error_std_db: float) -> ChannelState:
+    """The BS's estimate of ``true`` with log-normal gain errors, independent per device and
+    direction: ĥ_u = h_u·10^(ε_u/10), ε_u ~ N(0, σ²) [dB] (SNR per Hz scales with ĥ)."""
+    check_range("csi.error_std_db", error_std_db, 0.0, 60.0)
+    u = true.num_devices
+    dl_db, ul_db = rng.normal(0.0, error_std_db, u), rng.normal(0.0, error_std_db, u)
+    return replace(true, dl=_perturb(true.dl, dl_db), ul=_perturb(true.ul, ul_db))
+
+
+def bs_estimate(
+    trace: "ChannelTrace",
+    block: int,
+    rng: np.random.Generator,
+    delay_blocks: int = 0,
+    error_std_db: float = 0.0,
+) -> ChannelState:
+    """What the BS believes at ``block``: the snapshot ``delay_blocks`` fading blocks old
+    (stale CSI; clipped at block 0), with log-normal estimation error of σ dB."""
+    check_range("csi.delay_blocks", delay_blocks, 0, 1e9)
+    stale = trace.state(max(block - delay_blocks, 0))
+    return stale if error_std_db == 0.0 else noisy_csi(stale, rng, error_std_db)
