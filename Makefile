@@ -5,7 +5,6 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
-PROMPT ?= Explain in two sentences why a mixture-of-experts model can run on several devices.
 
 .PHONY: setup demo test lint build-model bench
 
@@ -20,7 +19,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/wdmoe model build
-	$(BIN)/wdmoe generate "$(PROMPT)" --max-new-tokens 48
+	$(BIN)/wdmoe demo
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

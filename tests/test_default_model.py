@@ -52,3 +52,13 @@ def test_cli_generate_on_the_default_model():
     assert res.exit_code == 0, res.output
     assert "moefied · 30 MoE layers · 8 experts · top-4" in res.stderr
     assert res.stdout.strip()
+
+
+def test_demo_runs_both_policies_on_the_same_trace():
+    res = CliRunner().invoke(
+        app, ["demo", "--max-new-tokens", "6", "--prompt", "What is the capital of France?"]
+    )
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.stdout.split())
+    assert "topk" in out and "wdmoe-0.1" in out and "speed-up" in out and "1.00×" in out
+    assert "Paris" in res.stdout

@@ -1,0 +1,210 @@
+"""The in-process WDMoE simulation: a real model answers while a channel trace decides what each
+expert costs (SPEC §4–§7).
+
+Every forward of the model (a prefill, then one per decode step) is one *step*:
+1. the BS's channel estimate at the current simulated time (stale / noisy CSI, from the trace)
+   becomes the policy's :class:`ExpertLatency` snapshot (equal bandwidth split);
+2. the model runs; every MoE block's policy selects on that snapshot and the recorder keeps what
+   ran: tokens per expert and layer n [L, E];
+3. :func:`account_step` prices n on the *true* channel of that time, with the allocator's split
+   per layer (decided on the estimate), plus BS compute; simulated time advances by the result.
+The same trace (seed) is replayed for every policy, so comparisons are paired.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from wdmoe.allocation import Allocator, make_allocator
+from wdmoe.channel import ChannelState, generate_trace
+from wdmoe.channel.units import FloatArray
+from wdmoe.config import ScenarioConfig, check_range
+from wdmoe.errors import ConfigError
+from wdmoe.latency import bs_seconds, device_times, layer_demand, lm_head_flops
+from wdmoe.models.install import WirelessModel
+from wdmoe.policies.costs import ExpertLatency, bs_estimate
+from wdmoe.types import LayerTrace
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """How the BS sees and shares the channel. trace_blocks × coherence_s bounds simulated time."""
+
+    allocator: str = "equal"
+    csi_delay_blocks: int = 0
+    csi_error_std_db: float = 0.0
+    trace_blocks: int = 20000
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_range("sim.csi_delay_blocks", self.csi_delay_blocks, 0, 1e6)
+        check_range("sim.csi_error_std_db", self.csi_error_std_db, 0.0, 60.0)
+        check_range("sim.trace_blocks", self.trace_blocks, 1, 1e8)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One forward, accounted. Arrays: [L, E] per expert, [L, U] per device, [L] per layer (s)."""
+
+    phase: str
+    start_s: float
+    new_tokens: int
+    expert_tokens: FloatArray
+    dropped_tokens: FloatArray
+    retained_mass: float
+    downlink_s: FloatArray
+    compute_s: FloatArray
+    uplink_s: FloatArray
+    waiting_s: FloatArray
+    bs_s: FloatArray
+    head_s: float
+
+    @property
+    def total_s(self) -> float:
+        return float(self.waiting_s.sum() + self.bs_s.sum() + self.head_s)
+
+
+def expert_loads(traces: list[LayerTrace], num_experts: int) -> tuple[FloatArray, FloatArray, float]:
+    """From one forward's traces: kept tokens n [L, E], dropped candidates [L, E], and the mean
+    share of router importance kept per token and layer (1 = nothing dropped)."""
+    kept = np.stack([t.tokens_per_expert().numpy() for t in traces]).astype(np.float64)
+    dropped = np.stack(
+        [np.bincount(t.candidates[~t.keep].numpy(), minlength=num_experts) for t in traces]
+    ).astype(np.float64)
+    return kept, dropped, retained_mass(traces)
+
+
+def retained_mass(traces: list[LayerTrace]) -> float:
+    """Mean over layers and tokens of Σ kept importance / Σ candidate importance (softmax of logits)."""
+    shares = []
+    for t in traces:
+        imp = torch.softmax(t.logits.float(), -1).gather(-1, t.candidates)
+        shares.append((imp * t.keep).sum(-1) / imp.sum(-1).clamp_min(1e-30))
+    return float(torch.cat(shares).mean()) if shares else 1.0
+
+
+def account_step(
+    expert_tokens: FloatArray,
+    true: ChannelState,
+    view: ExpertLatency,
+    allocator: Allocator,
+    scenario: ScenarioConfig,
+    new_tokens: int,
+    context_tokens: int,
+) -> dict[str, Any]:
+    """Price loads n [L, E] on the true channel: per layer, the allocator splits the band on the
+    BS's estimate (``view``), then t_u = DL + compute + UL at those B_u on ``true``; T_l = max over
+    devices with work; BS compute per layer and the LM head from the scenario's model and C_BS."""
+    device_tokens = view.device_tokens(expert_tokens)  # [L, U]
+    bandwidth = np.stack(
+        [
+            allocator.allocate(layer_demand(n, view.flops_per_s, view.cost), view.channel).bandwidth_hz
+            for n in device_tokens
+        ]
+    )
+    times = device_times(
+        device_tokens, true.dl.rate_bps(bandwidth), true.ul.rate_bps(bandwidth), view.flops_per_s, view.cost
+    )
+    busy = device_tokens > 0
+    bs_flops = scenario.cell.bs_flops_per_s
+    return {
+        "downlink_s": times.downlink_s,
+        "compute_s": times.compute_s,
+        "uplink_s": times.uplink_s,
+        "waiting_s": np.max(np.where(busy, times.total_s, 0.0), axis=-1, initial=0.0),
+        "bs_s": bs_seconds(scenario.model, new_tokens, context_tokens, bs_flops),
+        "head_s": lm_head_flops(scenario.model) / bs_flops,
+    }
+
+
+@dataclass
+class Simulation:
+    """Runs a WirelessModel on a scenario's channel trace in simulated time (see module doc)."""
+
+    wm: WirelessModel
+    scenario: ScenarioConfig
+    settings: SimSettings = field(default_factory=SimSettings)
+    records: list[StepRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_model_matches(self.wm, self.scenario)
+        seed = self.scenario.seed if self.settings.seed is None else self.settings.seed
+        self.trace = generate_trace(self.scenario, self.settings.trace_blocks, seed)
+        self.allocator = make_allocator(self.settings.allocator)
+        self.csi_rng = np.random.default_rng(seed + 1)
+        self.time_s = 0.0
+        self.context_tokens = 0
+
+    def block(self) -> int:
+        return min(int(self.time_s // self.trace.block_s), self.trace.num_blocks - 1)
+
+    def before_forward(self) -> ExpertLatency:
+        estimate = bs_estimate(
+            self.trace,
+            self.block(),
+            self.csi_rng,
+            self.settings.csi_delay_blocks,
+            self.settings.csi_error_std_db,
+        )
+        view = ExpertLatency.from_scenario(self.scenario, estimate)
+        self.wm.set_context(estimate, view)
+        self.wm.recorder.clear()
+        self.wm.recorder.enabled = True
+        return view
+
+    def after_forward(self, view: ExpertLatency, new_tokens: int) -> StepRecord:
+        traces = self.wm.recorder.clear()
+        kept, dropped, mass = expert_loads(traces, self.wm.num_experts)
+        true = self.trace.state(self.block())
+        cost = account_step(kept, true, view, self.allocator, self.scenario, new_tokens, self.context_tokens)
+        phase = "prefill" if self.context_tokens == 0 else "decode"
+        record = StepRecord(phase, self.time_s, new_tokens, kept, dropped, mass, **cost)
+        self.records.append(record)
+        self.time_s += record.total_s
+        self.context_tokens += new_tokens
+        return record
+
+    def new_request(self) -> None:
+        """Start a new request: empty KV cache; simulated time (and the channel) go on."""
+        self.context_tokens = 0
+
+    @contextmanager
+    def attached(self) -> Iterator["Simulation"]:
+        """Account every forward of ``wm.model`` while inside (hooks removed on exit)."""
+        state: dict[str, ExpertLatency] = {}
+
+        def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            state["view"] = self.before_forward()
+
+        def post(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            assert ids is not None, "the model was called without input_ids"
+            self.after_forward(state.pop("view"), int(ids.shape[-1]))
+
+        handles = [
+            self.wm.model.register_forward_pre_hook(pre, with_kwargs=True),
+            self.wm.model.register_forward_hook(post, with_kwargs=True),
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.wm.recorder.enabled = False
+            self.wm.set_context(None, None)
+
+
+def check_model_matches(wm: WirelessModel, scenario: ScenarioConfig) -> None:
+    """The scenario's model dimensions must describe the model that runs."""
+    m = scenario.model
+    got = (len(wm.blocks), wm.num_experts)
+    if (m.num_layers, m.num_experts) != got:
+        raise ConfigError(
+            f"scenario {scenario.name!r} describes {m.name} ({m.num_layers} MoE layers × {m.num_experts} "
+            f"experts) but the model has {got[0]} × {got[1]}; use model=<preset> matching the model "
+            "(e.g. model=smollm2-moe8 for the default model)"
+        )
