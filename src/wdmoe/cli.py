@@ -284,5 +284,139 @@ def print_demo_summary(summaries: list, cfg: Any, seed: int) -> None:
     out.print(drops)
 
 
+def parse_tasks(text: str) -> list[str]:
+    """``arc_easy,piqa`` → registered task names (an unknown one raises UnknownNameError)."""
+    from wdmoe.eval.tasks import get_task
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise fail(ValueError("--tasks is empty; give e.g. --tasks arc_easy,piqa"))
+    return [get_task(name).name for name in names]
+
+
+def resolved_model(model: str) -> str:
+    return model if model == "default" else str(Path(model).resolve())
+
+
+def new_request_hook(sim: Any) -> Any:
+    """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
+
+    def pre(module: Any, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            sim.new_request()
+
+    return pre
+
+
+def eval_task_simulated(wm: Any, tok: Any, task: Any, items: list, cfg: Any, settings: Any) -> tuple:
+    """Score ``items`` with every forward accounted on the scenario's channel trace (from t = 0)."""
+    from wdmoe.eval.harness import EvalSettings, score_items
+    from wdmoe.eval.results import latency_summary
+    from wdmoe.simulate import Simulation
+
+    sim = Simulation(wm, cfg, settings)
+    with sim.attached():
+        handle = wm.model.register_forward_pre_hook(new_request_hook(sim), with_kwargs=True, prepend=True)
+        try:
+            result = score_items(task, wm.model, tok, items, EvalSettings())
+        finally:
+            handle.remove()
+    return result, latency_summary(sim.records)
+
+
+@app.command("eval")
+def eval_cmd(
+    tasks: Annotated[str, typer.Option(help="Comma-separated registered tasks, e.g. arc_easy,piqa.")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the benchmark JSONL files (default: $WDMOE_DATA).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Items per task (default: all).")] = None,
+    model: Annotated[str, typer.Option(help="'default' or a local checkpoint folder.")] = "default",
+    policy: Annotated[
+        str, typer.Option(help=f"Expert selection policy: {', '.join(POLICIES.names())}.")
+    ] = "topk",
+    theta: Annotated[float | None, typer.Option(help="θ of wdmoe-type policies.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Router candidates per token.")] = None,
+    scenario: Annotated[str, typer.Option(help="Scenario preset or .toml file.")] = "paper",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a scenario field: a.b=value.")
+    ] = None,
+    allocator: Annotated[
+        str, typer.Option(help="Bandwidth allocator: equal, minmax, proportional.")
+    ] = "equal",
+    seed: Annotated[int, typer.Option(help="Channel trace seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Results file (JSON Lines, resumable).")] = Path(
+        "results/eval.jsonl"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON lines.")] = False,
+) -> None:
+    """Evaluate tasks with a policy inside the simulation; one resumable record per (config, task)."""
+    from wdmoe.config import load_scenario
+    from wdmoe.eval.results import append_record, completed_keys, config_key, make_record, select_records
+    from wdmoe.eval.tasks import default_data_dir, get_task
+    from wdmoe.models.install import install
+    from wdmoe.models.loading import load_checkpoint
+    from wdmoe.policies import make_policy
+    from wdmoe.simulate import SimSettings
+
+    quiet_transformers()
+    try:
+        names = parse_tasks(tasks)
+        folder = (data_dir or default_data_dir()).resolve()
+        items = {name: get_task(name).load(folder, limit) for name in names}
+        overrides = (["model=smollm2-moe8"] if model == "default" else []) + list(set_ or [])
+        cfg = load_scenario(scenario, overrides)
+        params = {} if theta is None else {"theta": theta}
+        try:
+            chosen = make_policy(policy, **params)
+        except TypeError as e:
+            raise fail(ValueError(f"policy {policy!r} does not take these parameters {params}: {e}")) from e
+        settings = SimSettings(allocator=allocator, seed=seed)
+        with BuildProgress() as progress:
+            net, tok = load_checkpoint(model, progress=progress)
+        wm = install(net, chosen)
+        if top_k is not None:
+            wm.set_top_k(top_k)
+        config = {
+            "model": resolved_model(model),
+            "policy": {"name": policy, "params": params},
+            "top_k": wm.top_k,
+            "scenario": {"name": scenario, "overrides": overrides, "resolved": cfg.to_dict()},
+            "allocator": allocator,
+            "seeds": {"channel": seed},
+            "limit": limit,
+            "num_fewshot": 0,
+            "data_dir": str(folder),
+        }
+        keys = {name: config_key(config, name) for name in names}
+        done = completed_keys(out)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+        ) as bar:
+            job = bar.add_task("eval", total=len(names))
+            for name in names:
+                bar.update(job, description=f"eval {name}")
+                if keys[name] in done:
+                    err.print(f"[dim]{name}: already in {out}, skipped[/]")
+                else:
+                    result, latency = eval_task_simulated(wm, tok, get_task(name), items[name], cfg, settings)
+                    append_record(out, make_record(config, result, latency))
+                bar.advance(job)
+    except WdmoeError as e:
+        raise fail(e) from e
+    records = select_records(out, keys.values())
+    for r in records:
+        if as_json:
+            typer.echo(json.dumps(r, sort_keys=True))
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
+        err.print(f"{r['task']}: n={r['n']} {metrics} · mean latency {r['latency'].get('mean_s', 0):.4f} s")
+    err.print(f"[dim]results: {out}[/]")
+
+
 def main() -> None:
     app()

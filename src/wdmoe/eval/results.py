@@ -1,0 +1,131 @@
+"""Evaluation results as JSON Lines: one record per (config, task), appended safely, resumable.
+
+A record is written as one line, flushed and fsync'ed, so a crash loses at most the line being
+written; such a truncated last line is dropped (with a warning) when the file is read or appended
+to. A record's ``key`` hashes the resolved config and the task, so a rerun skips what is done.
+"""
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wdmoe import __version__
+from wdmoe.errors import ConfigError
+from wdmoe.eval.harness import TaskResult
+from wdmoe.simulate import StepRecord
+
+
+def config_key(config: Mapping[str, Any], task: str) -> str:
+    """A stable hash of the resolved ``config`` and ``task`` (key order does not matter)."""
+    blob = json.dumps({"config": config, "task": task}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def request_totals_s(records: Sequence[StepRecord]) -> list[float]:
+    """End-to-end simulated seconds per request: a prefill and the decode steps that follow it."""
+    totals: list[float] = []
+    for r in records:
+        if r.phase == "prefill" or not totals:
+            totals.append(0.0)
+        totals[-1] += r.total_s
+    return totals
+
+
+def latency_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
+    """Percentiles of per-request latency (s), mean TTFT / TPOT (s), expert-drop rate, retained mass."""
+    if not records:
+        return {"requests": 0}
+    per_request = np.asarray(request_totals_s(records))
+    prefill = [r.total_s for r in records if r.phase == "prefill"]
+    decode = [r.total_s for r in records if r.phase == "decode"]
+    kept = float(sum(r.expert_tokens.sum() for r in records))
+    dropped = float(sum(r.dropped_tokens.sum() for r in records))
+    return {
+        "requests": len(per_request),
+        "steps": len(records),
+        "mean_s": float(per_request.mean()),
+        **{f"p{q}_s": float(np.percentile(per_request, q)) for q in (50, 95, 99)},
+        "ttft_s": float(np.mean(prefill)) if prefill else None,
+        "tpot_s": float(np.mean(decode)) if decode else None,
+        "total_s": float(per_request.sum()),
+        "drop_rate": dropped / (kept + dropped) if kept + dropped > 0 else 0.0,
+        "retained_mass": float(np.mean([r.retained_mass for r in records])),
+    }
+
+
+def make_record(config: Mapping[str, Any], result: TaskResult, latency: Mapping[str, Any]) -> dict[str, Any]:
+    """The line written for one (config, task): key, config, metrics, latency, version, time."""
+    return {
+        "key": config_key(config, result.task),
+        "task": result.task,
+        "config": dict(config),
+        "metrics": dict(result.metrics),
+        "stderr": dict(result.stderr),
+        "n": result.n,
+        "kind": result.kind,
+        "latency": dict(latency),
+        "wdmoe_version": __version__,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of ``path`` and the byte length of its valid prefix (a bad last line is dropped)."""
+    data = path.read_bytes() if path.exists() else b""
+    records, valid_end, offset = [], 0, 0
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        end = offset + len(line) + 1
+        if line.strip():
+            complete = i < len(lines) - 1  # the last chunk has no newline: a write cut short
+            try:
+                row = json.loads(line) if complete else None
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                if not any(x.strip() for x in lines[i + 1 :]):
+                    warnings.warn(
+                        f"{path}: ignoring a truncated last line (an interrupted write)", stacklevel=3
+                    )
+                    break
+                raise ConfigError(f"{path}:{i + 1}: not a valid result record; fix or remove that line")
+            records.append(row)
+        valid_end = min(end, len(data))
+        offset = end
+    return records, valid_end
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """All complete records of ``path`` ([] when it does not exist)."""
+    return _parse_lines(Path(path))[0]
+
+
+def completed_keys(path: Path) -> set[str]:
+    """Keys of the records already in ``path``: what a rerun can skip."""
+    return {str(r["key"]) for r in read_records(path) if "key" in r}
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one line, durably (flush + fsync); a truncated tail is cut off first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _, valid_end = _parse_lines(path)
+    if path.exists() and path.stat().st_size != valid_end:
+        os.truncate(path, valid_end)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def select_records(path: Path, keys: Iterable[str]) -> list[dict[str, Any]]:
+    """The records of ``path`` whose key is in ``keys``, in file order."""
+    wanted = set(keys)
+    return [r for r in read_records(path) if r.get("key") in wanted]

@@ -1,0 +1,116 @@
+"""`wdmoe eval` on a tiny checkpoint: one record per task, resume after a crash, clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from test_simulate import TINY
+from tiny import save_tiny_checkpoint
+from wdmoe.cli import app
+from wdmoe.errors import ConfigError
+from wdmoe.eval.results import append_record, completed_keys, read_records
+
+DATA = Path("/work/shared/benchmarks")
+runner = CliRunner()
+needs_data = pytest.mark.skipif(
+    not (DATA / "arc_easy.jsonl").is_file(), reason=f"benchmark data folder {DATA} is missing"
+)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"))
+
+
+def run_eval(ckpt, out, *extra, tasks="arc_easy,piqa", data_dir=DATA):
+    args = ["eval", "--tasks", tasks, "--model", ckpt, "--data-dir", data_dir, "--limit", 3]
+    args += ["--out", out, "--policy", "wdmoe", "--theta", 0.3, "--seed", 1, *extra]
+    for override in TINY:
+        args += ["--set", override]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def without_time(records):
+    return sorted(({k: v for k, v in r.items() if k != "timestamp"} for r in records), key=lambda r: r["key"])
+
+
+@needs_data
+def test_a_run_writes_one_record_per_task_with_metrics_latency_and_config(ckpt, tmp_path):
+    res = run_eval(ckpt, tmp_path / "r.jsonl", "--json")
+    assert res.exit_code == 0, res.output
+    records = read_records(tmp_path / "r.jsonl")
+    assert [r["task"] for r in records] == ["arc_easy", "piqa"]
+    assert [json.loads(line) for line in res.stdout.splitlines()] == records
+    for r in records:
+        assert r["n"] == 3 and 0 <= r["metrics"]["acc"] <= 1 and "acc" in r["stderr"]
+        lat = r["latency"]
+        assert lat["requests"] >= 1 and lat["p50_s"] <= lat["p95_s"] <= lat["p99_s"]
+        assert lat["mean_s"] > 0 and 0 <= lat["drop_rate"] < 1 and 0 < lat["retained_mass"] <= 1
+        cfg = r["config"]
+        assert cfg["policy"] == {"name": "wdmoe", "params": {"theta": 0.3}}
+        assert cfg["scenario"]["name"] == "paper" and cfg["scenario"]["overrides"] == TINY
+        assert cfg["seeds"] == {"channel": 1} and cfg["limit"] == 3 and cfg["allocator"] == "equal"
+        assert cfg["data_dir"] == str(DATA.resolve()) and r["wdmoe_version"]
+
+
+@needs_data
+def test_a_rerun_with_the_same_config_skips_what_is_done(ckpt, tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert run_eval(ckpt, out).exit_code == 0
+    res = run_eval(ckpt, out)
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.stderr
+    assert len(read_records(out)) == 2
+    assert run_eval(ckpt, out, "--seed", 2).exit_code == 0  # another config: new records
+    assert len(completed_keys(out)) == 4
+
+
+@needs_data
+def test_a_truncated_last_line_is_ignored_and_resume_matches_an_uninterrupted_run(ckpt, tmp_path):
+    whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
+    assert run_eval(ckpt, whole).exit_code == 0
+    assert run_eval(ckpt, resumed, tasks="arc_easy").exit_code == 0  # killed before piqa finished…
+    with resumed.open("a") as f:
+        f.write(whole.read_text().splitlines()[1][:57])  # …while writing piqa's line
+    with pytest.warns(UserWarning, match="truncated last line"):
+        res = run_eval(ckpt, resumed)
+    assert res.exit_code == 0, res.output
+    assert without_time(read_records(resumed)) == without_time(read_records(whole))
+    assert resumed.read_text().endswith("\n") and len(resumed.read_text().splitlines()) == 2
+
+
+def test_a_bad_line_before_the_end_is_an_error_naming_it(tmp_path):
+    out = tmp_path / "r.jsonl"
+    append_record(out, {"key": "a"})
+    with out.open("a") as f:
+        f.write("{not json\n")
+    with pytest.warns(UserWarning, match="truncated last line"):
+        append_record(out, {"key": "b"})  # the bad line was the tail when this was appended: cut off
+    assert completed_keys(out) == {"a", "b"}
+    out.write_text('{"key": "a"}\n{oops\n{"key": "b"}\n')
+    with pytest.raises(ConfigError, match=r"r.jsonl:2"):
+        read_records(out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "tasks", "message"),
+    [
+        ((), "arc_easy,nope", "unknown task 'nope'"),
+        (("--set", "cell.num_devices=lots"), "arc_easy", "cell.num_devices"),
+        (("--policy", "topk", "--theta", "0.2"), "arc_easy", "does not take"),
+    ],
+)
+@needs_data
+def test_bad_inputs_give_clear_errors(ckpt, tmp_path, extra, tasks, message):
+    res = run_eval(ckpt, tmp_path / "r.jsonl", *extra, tasks=tasks)
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_data_dir_without_the_file_is_a_clear_error(ckpt, tmp_path):
+    res = run_eval(ckpt, tmp_path / "r.jsonl", tasks="piqa", data_dir=tmp_path)
+    assert res.exit_code == 2, res.output
+    assert "piqa.jsonl does not exist" in res.stderr and "--data-dir" in res.stderr
