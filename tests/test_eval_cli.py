@@ -1,7 +1,6 @@
 """`wdmoe eval` on a tiny checkpoint: one record per task, resume after a crash, clear errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,8 +10,9 @@ from tiny import save_tiny_checkpoint
 from wdmoe.cli import app
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import append_record, completed_keys, read_records
+from wdmoe.eval.tasks import default_data_dir
 
-DATA = Path("/work/shared/benchmarks")
+DATA = default_data_dir()
 runner = CliRunner()
 needs_data = pytest.mark.skipif(
     not (DATA / "arc_easy.jsonl").is_file(), reason=f"benchmark data folder {DATA} is missing"
@@ -24,9 +24,9 @@ def ckpt(tmp_path_factory):
     return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"))
 
 
-def run_eval(ckpt, out, *extra, tasks="arc_easy,piqa", data_dir=DATA):
+def run_eval(ckpt, out, *extra, tasks="arc_easy,piqa", data_dir=DATA, policy=("wdmoe", "--theta", 0.3)):
     args = ["eval", "--tasks", tasks, "--model", ckpt, "--data-dir", data_dir, "--limit", 3]
-    args += ["--out", out, "--policy", "wdmoe", "--theta", 0.3, "--seed", 1, *extra]
+    args += ["--out", out, "--policy", *policy, "--seed", 1, *extra]
     for override in TINY:
         args += ["--set", override]
     return runner.invoke(app, [str(a) for a in args])
@@ -114,3 +114,19 @@ def test_a_data_dir_without_the_file_is_a_clear_error(ckpt, tmp_path):
     res = run_eval(ckpt, tmp_path / "r.jsonl", tasks="piqa", data_dir=tmp_path)
     assert res.exit_code == 2, res.output
     assert "piqa.jsonl does not exist" in res.stderr and "--data-dir" in res.stderr
+
+
+@needs_data
+def test_latency_is_per_request_whatever_the_batch_size(ckpt, tmp_path):
+    small, big = tmp_path / "b1.jsonl", tmp_path / "b8.jsonl"
+    assert run_eval(ckpt, small, "--batch-size", 1, tasks="arc_easy", policy=["topk"]).exit_code == 0
+    assert run_eval(ckpt, big, "--batch-size", 8, tasks="arc_easy", policy=["topk"]).exit_code == 0
+    (a,), (b,) = read_records(small), read_records(big)
+    assert a["metrics"] == b["metrics"]
+    assert a["latency"]["requests"] == b["latency"]["requests"] == 12  # 3 items × 4 choices
+    assert a["latency"]["mean_s"] == pytest.approx(b["latency"]["mean_s"], rel=1e-9)
+    devices = b["latency"]["per_device"]
+    assert len(devices["tokens"]) == 8 and len(devices["snr_db_dl"]) == 8
+    assert sum(devices["tokens"]) > 0 and devices["drop_rate"] == [0.0] * 8  # topk drops nothing
+    assert b["latency"]["experts_per_token"] == pytest.approx(2.0)  # the tiny model's top-2
+    assert len(b["latency"]["per_layer"]["waiting_s"]) == 2

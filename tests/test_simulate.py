@@ -81,3 +81,29 @@ def test_scenario_must_describe_the_model():
     wm = install(copy.deepcopy(tiny_model("mixtral")))
     with pytest.raises(ConfigError, match="2 × 8; use model=<preset>"):
         Simulation(wm, load_scenario("paper"))
+
+
+def test_split_rows_accounts_each_unpadded_row_as_the_request_it_would_be_alone():
+    model = tiny_model("mixtral")
+    wm = install(model, make_policy("topk"))
+    cfg = load_scenario("paper", TINY)
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, 128, (n,), generator=gen) for n in (7, 4, 5)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for r, seq in enumerate(rows):
+        ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
+    batched = Simulation(wm, cfg, SimSettings(seed=2, split_rows=True))
+    with batched.attached(), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    alone = Simulation(wm, cfg, SimSettings(seed=2))
+    with alone.attached(), torch.no_grad():
+        for seq in rows:
+            alone.new_request()
+            model(input_ids=seq[None], use_cache=False)
+    assert [r.phase for r in batched.records] == ["prefill"] * 3
+    assert [r.new_tokens for r in batched.records] == [7, 4, 5]
+    for b, a in zip(batched.records, alone.records, strict=True):
+        np.testing.assert_array_equal(b.expert_tokens, a.expert_tokens)  # padding is not routed work
+        assert b.start_s == pytest.approx(a.start_s) and b.total_s == pytest.approx(a.total_s)
+        assert b.device_tokens.sum() == b.expert_tokens.sum() and b.snr_db_dl.shape == (8,)

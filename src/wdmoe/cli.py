@@ -294,37 +294,6 @@ def parse_tasks(text: str) -> list[str]:
     return [get_task(name).name for name in names]
 
 
-def resolved_model(model: str) -> str:
-    return model if model == "default" else str(Path(model).resolve())
-
-
-def new_request_hook(sim: Any) -> Any:
-    """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
-
-    def pre(module: Any, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
-            sim.new_request()
-
-    return pre
-
-
-def eval_task_simulated(wm: Any, tok: Any, task: Any, items: list, cfg: Any, settings: Any) -> tuple:
-    """Score ``items`` with every forward accounted on the scenario's channel trace (from t = 0)."""
-    from wdmoe.eval.harness import EvalSettings, score_items
-    from wdmoe.eval.results import latency_summary
-    from wdmoe.simulate import Simulation
-
-    sim = Simulation(wm, cfg, settings)
-    with sim.attached():
-        handle = wm.model.register_forward_pre_hook(new_request_hook(sim), with_kwargs=True, prepend=True)
-        try:
-            result = score_items(task, wm.model, tok, items, EvalSettings())
-        finally:
-            handle.remove()
-    return result, latency_summary(sim.records)
-
-
 @app.command("eval")
 def eval_cmd(
     tasks: Annotated[str, typer.Option(help="Comma-separated registered tasks, e.g. arc_easy,piqa.")],
@@ -349,48 +318,34 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="Results file (JSON Lines, resumable).")] = Path(
         "results/eval.jsonl"
     ),
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward (scoring only).")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation cap for GSM8K-type tasks.")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON lines.")] = False,
 ) -> None:
-    """Evaluate tasks with a policy inside the simulation; one resumable record per (config, task)."""
-    from wdmoe.config import load_scenario
-    from wdmoe.eval.results import append_record, completed_keys, config_key, make_record, select_records
-    from wdmoe.eval.tasks import default_data_dir, get_task
-    from wdmoe.models.install import install
-    from wdmoe.models.loading import load_checkpoint
-    from wdmoe.policies import make_policy
-    from wdmoe.simulate import SimSettings
+    """Evaluate tasks with a policy inside the simulation; one resumable record per (config, task).
+
+    Latency is per request: each scored sequence (context + choice) is one prefill; GSM8K runs
+    one question at a time (prefill + decode)."""
+    from wdmoe.eval.results import select_records
+    from wdmoe.eval.runner import EvalPoint, Evaluator
 
     quiet_transformers()
+    point = EvalPoint(
+        model=model,
+        policy=policy,
+        params={} if theta is None else {"theta": theta},
+        top_k=top_k,
+        scenario=scenario,
+        overrides=tuple(set_ or ()),
+        allocator=allocator,
+        seed=seed,
+        limit=limit,
+        data_dir=data_dir,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
     try:
         names = parse_tasks(tasks)
-        folder = (data_dir or default_data_dir()).resolve()
-        items = {name: get_task(name).load(folder, limit) for name in names}
-        overrides = (["model=smollm2-moe8"] if model == "default" else []) + list(set_ or [])
-        cfg = load_scenario(scenario, overrides)
-        params = {} if theta is None else {"theta": theta}
-        try:
-            chosen = make_policy(policy, **params)
-        except TypeError as e:
-            raise fail(ValueError(f"policy {policy!r} does not take these parameters {params}: {e}")) from e
-        settings = SimSettings(allocator=allocator, seed=seed)
-        with BuildProgress() as progress:
-            net, tok = load_checkpoint(model, progress=progress)
-        wm = install(net, chosen)
-        if top_k is not None:
-            wm.set_top_k(top_k)
-        config = {
-            "model": resolved_model(model),
-            "policy": {"name": policy, "params": params},
-            "top_k": wm.top_k,
-            "scenario": {"name": scenario, "overrides": overrides, "resolved": cfg.to_dict()},
-            "allocator": allocator,
-            "seeds": {"channel": seed},
-            "limit": limit,
-            "num_fewshot": 0,
-            "data_dir": str(folder),
-        }
-        keys = {name: config_key(config, name) for name in names}
-        done = completed_keys(out)
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -398,19 +353,21 @@ def eval_cmd(
             TimeElapsedColumn(),
             console=err,
         ) as bar:
-            job = bar.add_task("eval", total=len(names))
-            for name in names:
-                bar.update(job, description=f"eval {name}")
-                if keys[name] in done:
+            job = bar.add_task(f"eval {names[0]}", total=len(names))
+
+            def done(name: str, skipped: bool) -> None:
+                if skipped:
                     err.print(f"[dim]{name}: already in {out}, skipped[/]")
-                else:
-                    result, latency = eval_task_simulated(wm, tok, get_task(name), items[name], cfg, settings)
-                    append_record(out, make_record(config, result, latency))
                 bar.advance(job)
+                following = names[names.index(name) + 1 :]
+                if following:
+                    bar.update(job, description=f"eval {following[0]}")
+
+            records = Evaluator().run(point, names, out, on_task=done)
     except WdmoeError as e:
         raise fail(e) from e
-    records = select_records(out, keys.values())
-    for r in records:
+    keys = [r["key"] for r in records]
+    for r in select_records(out, keys):
         if as_json:
             typer.echo(json.dumps(r, sort_keys=True))
         metrics = " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())

@@ -32,13 +32,20 @@ from wdmoe.types import LayerTrace
 
 @dataclass(frozen=True)
 class SimSettings:
-    """How the BS sees and shares the channel. trace_blocks × coherence_s bounds simulated time."""
+    """How the BS sees and shares the channel. trace_blocks × coherence_s bounds simulated time.
+
+    split_rows: account every row of a batched forward without KV cache as its own request (its
+    unpadded tokens prefilled alone, one after another in simulated time), so that a scorer's
+    batching (e.g. the choices of multiple-choice items) does not change the latency per request.
+    The policy decides once per forward, on the estimate at the forward's start.
+    """
 
     allocator: str = "equal"
     csi_delay_blocks: int = 0
     csi_error_std_db: float = 0.0
     trace_blocks: int = 20000
     seed: int | None = None
+    split_rows: bool = False
 
     def __post_init__(self) -> None:
         check_range("sim.csi_delay_blocks", self.csi_delay_blocks, 0, 1e6)
@@ -48,7 +55,8 @@ class SimSettings:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One forward, accounted. Arrays: [L, E] per expert, [L, U] per device, [L] per layer (s)."""
+    """One forward (or one row of it), accounted. Arrays: [L, E] per expert, [L, U] per device,
+    [L] per layer (s); snr_db_dl / snr_db_ul [U]: the true SNR at an equal share B/U (dB)."""
 
     phase: str
     start_s: float
@@ -56,6 +64,10 @@ class StepRecord:
     expert_tokens: FloatArray
     dropped_tokens: FloatArray
     retained_mass: float
+    device_tokens: FloatArray
+    device_dropped: FloatArray
+    snr_db_dl: FloatArray
+    snr_db_ul: FloatArray
     downlink_s: FloatArray
     compute_s: FloatArray
     uplink_s: FloatArray
@@ -68,14 +80,41 @@ class StepRecord:
         return float(self.waiting_s.sum() + self.bs_s.sum() + self.head_s)
 
 
-def expert_loads(traces: list[LayerTrace], num_experts: int) -> tuple[FloatArray, FloatArray, float]:
-    """From one forward's traces: kept tokens n [L, E], dropped candidates [L, E], and the mean
-    share of router importance kept per token and layer (1 = nothing dropped)."""
-    kept = np.stack([t.tokens_per_expert().numpy() for t in traces]).astype(np.float64)
+def expert_loads(
+    traces: list[LayerTrace], num_experts: int, rows: torch.Tensor | None = None
+) -> tuple[FloatArray, FloatArray, float]:
+    """From one forward's traces (restricted to token indices ``rows`` when given): kept tokens
+    n [L, E], dropped candidates [L, E], and the mean share of router importance kept per token and
+    layer (1 = nothing dropped)."""
+    traces = traces if rows is None else [subset(t, rows) for t in traces]
+    kept = np.stack(
+        [np.bincount(t.candidates[t.keep].numpy(), minlength=num_experts) for t in traces]
+    ).astype(np.float64)
     dropped = np.stack(
         [np.bincount(t.candidates[~t.keep].numpy(), minlength=num_experts) for t in traces]
     ).astype(np.float64)
     return kept, dropped, retained_mass(traces)
+
+
+def subset(trace: LayerTrace, rows: torch.Tensor) -> LayerTrace:
+    """The trace of the tokens ``rows`` [T'] only."""
+    return LayerTrace(
+        trace.layer,
+        trace.logits[rows],
+        trace.candidates[rows],
+        trace.keep[rows],
+        trace.weights[rows],
+        trace.failed,
+    )
+
+
+def row_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Flat token indices (row-major over [B, S], as the MoE blocks flatten) of each row's real
+    (unpadded) tokens."""
+    b, s = int(input_ids.shape[0]), int(input_ids.shape[-1])
+    mask = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    flat = torch.arange(b * s).reshape(b, s)
+    return [flat[r][mask[r]] for r in range(b)]
 
 
 def retained_mass(traces: list[LayerTrace]) -> float:
@@ -84,7 +123,7 @@ def retained_mass(traces: list[LayerTrace]) -> float:
     for t in traces:
         imp = torch.softmax(t.logits.float(), -1).gather(-1, t.candidates)
         shares.append((imp * t.keep).sum(-1) / imp.sum(-1).clamp_min(1e-30))
-    return float(torch.cat(shares).mean()) if shares else 1.0
+    return float(torch.cat(shares).mean()) if shares and sum(len(x) for x in shares) else 1.0
 
 
 def account_step(
@@ -157,12 +196,41 @@ class Simulation:
         return view
 
     def after_forward(self, view: ExpertLatency, new_tokens: int) -> StepRecord:
+        """Account the forward just recorded as one step of the current request."""
         traces = self.wm.recorder.clear()
-        kept, dropped, mass = expert_loads(traces, self.wm.num_experts)
+        return self.account(view, expert_loads(traces, self.wm.num_experts), new_tokens)
+
+    def after_rows(self, view: ExpertLatency, rows: list[torch.Tensor]) -> list[StepRecord]:
+        """Account each row's tokens (flat indices) of the forward just recorded as its own request."""
+        traces = self.wm.recorder.clear()
+        steps = []
+        for r in rows:
+            self.new_request()
+            steps.append(self.account(view, expert_loads(traces, self.wm.num_experts, r), len(r)))
+        self.new_request()
+        return steps
+
+    def account(
+        self, view: ExpertLatency, loads: tuple[FloatArray, FloatArray, float], new_tokens: int
+    ) -> StepRecord:
+        kept, dropped, mass = loads
         true = self.trace.state(self.block())
         cost = account_step(kept, true, view, self.allocator, self.scenario, new_tokens, self.context_tokens)
         phase = "prefill" if self.context_tokens == 0 else "decode"
-        record = StepRecord(phase, self.time_s, new_tokens, kept, dropped, mass, **cost)
+        share = true.equal_share_hz()
+        record = StepRecord(
+            phase,
+            self.time_s,
+            new_tokens,
+            kept,
+            dropped,
+            mass,
+            view.device_tokens(kept),
+            view.device_tokens(dropped),
+            10 * np.log10(np.maximum(true.dl.snr(share), 1e-30)),
+            10 * np.log10(np.maximum(true.ul.snr(share), 1e-30)),
+            **cost,
+        )
         self.records.append(record)
         self.time_s += record.total_s
         self.context_tokens += new_tokens
@@ -183,7 +251,11 @@ class Simulation:
         def post(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             assert ids is not None, "the model was called without input_ids"
-            self.after_forward(state.pop("view"), int(ids.shape[-1]))
+            no_cache = kwargs.get("past_key_values") is None and not kwargs.get("use_cache", False)
+            if self.settings.split_rows and no_cache and self.context_tokens == 0:
+                self.after_rows(state.pop("view"), row_tokens(ids, kwargs.get("attention_mask")))
+            else:
+                self.after_forward(state.pop("view"), int(ids.shape[-1]))
 
         handles = [
             self.wm.model.register_forward_pre_hook(pre, with_kwargs=True),

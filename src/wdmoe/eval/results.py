@@ -57,6 +57,39 @@ def latency_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
         "total_s": float(per_request.sum()),
         "drop_rate": dropped / (kept + dropped) if kept + dropped > 0 else 0.0,
         "retained_mass": float(np.mean([r.retained_mass for r in records])),
+        "experts_per_token": kept
+        / max(sum(r.new_tokens for r in records), 1)
+        / records[0].expert_tokens.shape[0],
+        "per_layer": breakdown_per_layer(records, len(per_request)),
+        "per_device": breakdown_per_device(records, len(per_request)),
+    }
+
+
+def breakdown_per_layer(records: Sequence[StepRecord], requests: int) -> dict[str, list[float]]:
+    """Per MoE layer, seconds per request: waiting T_l (max over busy devices) and BS compute."""
+    return {
+        "waiting_s": (np.sum([r.waiting_s for r in records], axis=0) / requests).tolist(),
+        "bs_s": (np.sum([r.bs_s for r in records], axis=0) / requests).tolist(),
+    }
+
+
+def breakdown_per_device(records: Sequence[StepRecord], requests: int) -> dict[str, list[float]]:
+    """Per device [U]: tokens, dropped candidates and seconds of downlink / compute / uplink per
+    request (summed over layers), its drop rate, and its mean true SNR at an equal share (dB)."""
+    tokens = np.sum([r.device_tokens.sum(0) for r in records], axis=0)
+    dropped = np.sum([r.device_dropped.sum(0) for r in records], axis=0)
+    total = tokens + dropped
+    per = {
+        name: (np.sum([getattr(r, name).sum(0) for r in records], axis=0) / requests).tolist()
+        for name in ("downlink_s", "compute_s", "uplink_s")
+    }
+    return {
+        "tokens": (tokens / requests).tolist(),
+        "dropped": (dropped / requests).tolist(),
+        "drop_rate": np.divide(dropped, total, out=np.zeros_like(total), where=total > 0).tolist(),
+        **per,
+        "snr_db_dl": np.mean([r.snr_db_dl for r in records], axis=0).tolist(),
+        "snr_db_ul": np.mean([r.snr_db_ul for r in records], axis=0).tolist(),
     }
 
 

@@ -1,0 +1,184 @@
+"""One evaluation point (model, policy, θ, top-k, scenario, allocator, seed) run on tasks inside the
+simulation, its records appended to a resumable JSON Lines file. Shared by `wdmoe eval`, `wdmoe
+sweep` and `wdmoe reproduce`.
+
+Latency per request: multiple-choice, WinoGrande, LAMBADA and perplexity scorers batch many
+sequences into one forward; every row (one context + continuation, without padding) is accounted
+as its own prefill request (``SimSettings.split_rows``), so the batch size never changes the
+latency. Generation tasks run one request at a time: a prefill, then one decode step per token.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wdmoe.config import ScenarioConfig, load_scenario
+from wdmoe.errors import ConfigError
+from wdmoe.eval.harness import EvalSettings, TaskResult, score_items
+from wdmoe.eval.results import (
+    append_record,
+    completed_keys,
+    config_key,
+    latency_summary,
+    make_record,
+    read_records,
+)
+from wdmoe.eval.tasks import Item, Task, default_data_dir, get_task
+from wdmoe.models.install import WirelessModel, install
+from wdmoe.models.loading import load_checkpoint
+from wdmoe.policies import make_policy
+from wdmoe.simulate import SimSettings, Simulation
+
+DEFAULT_MODEL_PRESET = "model=smollm2-moe8"
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """Everything that decides a result, apart from the task. ``params``: the policy's keyword
+    parameters (e.g. {"theta": 0.1}); ``overrides``: dotted scenario overrides ("cell.bandwidth_hz=1e7")."""
+
+    model: str = "default"
+    policy: str = "topk"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    top_k: int | None = None
+    scenario: str = "paper"
+    overrides: tuple[str, ...] = ()
+    allocator: str = "equal"
+    seed: int = 0
+    limit: int | None = None
+    data_dir: Path | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    csi_delay_blocks: int = 0
+    csi_error_std_db: float = 0.0
+
+    def scenario_overrides(self) -> list[str]:
+        """The default model needs the smollm2-moe8 dimensions; the user's overrides come after."""
+        return ([DEFAULT_MODEL_PRESET] if self.model == "default" else []) + list(self.overrides)
+
+    def load_scenario(self) -> ScenarioConfig:
+        return load_scenario(self.scenario, self.scenario_overrides())
+
+    def folder(self) -> Path:
+        return (self.data_dir or default_data_dir()).resolve()
+
+    def sim_settings(self, split_rows: bool) -> SimSettings:
+        return SimSettings(
+            allocator=self.allocator,
+            seed=self.seed,
+            csi_delay_blocks=self.csi_delay_blocks,
+            csi_error_std_db=self.csi_error_std_db,
+            split_rows=split_rows,
+        )
+
+    def resolved(self, cfg: ScenarioConfig, top_k: int) -> dict[str, Any]:
+        """The record's ``config``: what reproduces the result (the scenario fully resolved)."""
+        return {
+            "model": self.model if self.model == "default" else str(Path(self.model).resolve()),
+            "policy": {"name": self.policy, "params": dict(self.params)},
+            "top_k": top_k,
+            "scenario": {
+                "name": self.scenario,
+                "overrides": self.scenario_overrides(),
+                "resolved": cfg.to_dict(),
+            },
+            "allocator": self.allocator,
+            "csi": {"delay_blocks": self.csi_delay_blocks, "error_std_db": self.csi_error_std_db},
+            "seeds": {"channel": self.seed},
+            "limit": self.limit,
+            "num_fewshot": 0,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "data_dir": str(self.folder()),
+        }
+
+
+def new_request_hook(sim: Simulation) -> Callable[..., None]:
+    """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
+
+    def pre(module: Any, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            sim.new_request()
+
+    return pre
+
+
+def evaluate_simulated(
+    wm: WirelessModel, tok: Any, task: Task, items: Sequence[Item], cfg: ScenarioConfig, point: EvalPoint
+) -> tuple[TaskResult, dict[str, Any]]:
+    """Score ``items`` with every forward accounted on the scenario's channel trace (from t = 0)."""
+    generate = task.kind == "generate_exact"
+    sim = Simulation(wm, cfg, point.sim_settings(split_rows=not generate))
+    settings = EvalSettings(
+        batch_size=1 if generate else point.batch_size, max_new_tokens=point.max_new_tokens
+    )
+    with sim.attached():
+        handle = wm.model.register_forward_pre_hook(new_request_hook(sim), with_kwargs=True, prepend=True)
+        try:
+            result = score_items(task, wm.model, tok, items, settings)
+        finally:
+            handle.remove()
+    return result, latency_summary(sim.records)
+
+
+class Evaluator:
+    """Runs points; keeps the last loaded model so that points on one model load it once."""
+
+    def __init__(self, progress: Callable[[str, int, int], None] | None = None) -> None:
+        self.progress = progress
+        self.loaded: tuple[str, WirelessModel, Any, int] | None = None
+
+    def model(self, point: EvalPoint) -> tuple[WirelessModel, Any]:
+        """The point's model with its policy and top-k installed."""
+        try:
+            policy = make_policy(point.policy, **point.params)
+        except TypeError as e:
+            raise ConfigError(
+                f"policy {point.policy!r} does not take the parameters {dict(point.params)}: {e}"
+            ) from e
+        if self.loaded is None or self.loaded[0] != point.model:
+            self.loaded = None  # free the previous model first
+            net, tok = load_checkpoint(point.model, progress=self.progress)
+            wm = install(net, policy)
+            self.loaded = (point.model, wm, tok, wm.top_k)
+        _, wm, tok, native_k = self.loaded
+        wm.set_policy(policy)
+        wm.set_top_k(point.top_k or native_k)
+        return wm, tok
+
+    def run(
+        self,
+        point: EvalPoint,
+        tasks: Sequence[str],
+        out: Path,
+        on_task: Callable[[str, bool], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Evaluate ``point`` on ``tasks``; append one record per task not yet in ``out``; return the
+        point's records (old and new) in task order. ``on_task(name, skipped)`` reports each task.
+        Bad input (an unknown task, a missing file, a bad field) fails before anything runs."""
+        names = [get_task(t).name for t in tasks]
+        if not names:
+            raise ConfigError("no task given; e.g. arc_easy,piqa")
+        cfg = point.load_scenario()
+        folder = point.folder()
+        items = {name: get_task(name).load(folder, point.limit) for name in names}
+        EvalSettings(batch_size=point.batch_size, max_new_tokens=point.max_new_tokens)  # validates
+        done = completed_keys(out)
+        records: dict[str, dict[str, Any]] = {}
+        wm: WirelessModel | None = None
+        for name in names:
+            if wm is None:
+                wm, tok = self.model(point)
+            config = point.resolved(cfg, wm.top_k)
+            key = config_key(config, name)
+            if key in done:
+                records[name] = next(r for r in reversed(read_records(out)) if r.get("key") == key)
+            else:
+                result, latency = evaluate_simulated(wm, tok, get_task(name), items[name], cfg, point)
+                records[name] = make_record(config, result, latency)
+                append_record(out, records[name])
+            if on_task is not None:
+                on_task(name, key in done)
+        return [records[n] for n in names]
