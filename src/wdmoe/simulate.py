@@ -80,50 +80,50 @@ class StepRecord:
         return float(self.waiting_s.sum() + self.bs_s.sum() + self.head_s)
 
 
-def expert_loads(
-    traces: list[LayerTrace], num_experts: int, rows: torch.Tensor | None = None
-) -> tuple[FloatArray, FloatArray, float]:
-    """From one forward's traces (restricted to token indices ``rows`` when given): kept tokens
-    n [L, E], dropped candidates [L, E], and the mean share of router importance kept per token and
-    layer (1 = nothing dropped)."""
-    traces = traces if rows is None else [subset(t, rows) for t in traces]
-    kept = np.stack(
-        [np.bincount(t.candidates[t.keep].numpy(), minlength=num_experts) for t in traces]
-    ).astype(np.float64)
-    dropped = np.stack(
-        [np.bincount(t.candidates[~t.keep].numpy(), minlength=num_experts) for t in traces]
-    ).astype(np.float64)
-    return kept, dropped, retained_mass(traces)
+def expert_loads(traces: list[LayerTrace], num_experts: int) -> tuple[FloatArray, FloatArray, float]:
+    """From one forward's traces: kept tokens n [L, E], dropped candidates [L, E], and the mean
+    share of router importance kept per token and layer (1 = nothing dropped)."""
+    (kept,), (dropped,), (mass,) = row_loads(traces, num_experts, torch.zeros(len(traces[0].keep)), 1)
+    return kept, dropped, mass
 
 
-def subset(trace: LayerTrace, rows: torch.Tensor) -> LayerTrace:
-    """The trace of the tokens ``rows`` [T'] only."""
-    return LayerTrace(
-        trace.layer,
-        trace.logits[rows],
-        trace.candidates[rows],
-        trace.keep[rows],
-        trace.weights[rows],
-        trace.failed,
-    )
+def row_loads(
+    traces: list[LayerTrace], num_experts: int, row: torch.Tensor, rows: int
+) -> tuple[FloatArray, FloatArray, list[float]]:
+    """Per row r < ``rows`` of a forward (``row`` [T]: each token's row, −1 for padding): kept
+    tokens [R, L, E], dropped candidates [R, L, E] and the retained importance share (mean over
+    the row's tokens and the layers), in one pass per layer."""
+    real = row >= 0
+    idx = row.clamp_min(0).long()
+    kept = torch.zeros(rows, len(traces), num_experts, dtype=torch.float64)
+    dropped = torch.zeros_like(kept)
+    share_sum = torch.zeros(rows, dtype=torch.float64)
+    for layer, t in enumerate(traces):
+        keep = t.keep & real[:, None]
+        miss = ~t.keep & real[:, None]
+        flat = (idx[:, None] * num_experts + t.candidates).reshape(-1)
+        kept[:, layer] = (
+            torch.bincount(flat, keep.reshape(-1).double(), rows * num_experts).reshape(rows, num_experts)
+        )
+        dropped[:, layer] = (
+            torch.bincount(flat, miss.reshape(-1).double(), rows * num_experts).reshape(rows, num_experts)
+        )
+        imp = torch.softmax(t.logits.double(), -1).gather(-1, t.candidates)
+        share = (imp * t.keep).sum(-1) / imp.sum(-1).clamp_min(1e-30)
+        share_sum += torch.bincount(idx[real], share[real], rows)
+    count = torch.bincount(idx[real], minlength=rows).double() * len(traces)
+    mass = torch.where(count > 0, share_sum / count.clamp_min(1), 1.0)
+    return kept.numpy(), dropped.numpy(), [float(m) for m in mass]
 
 
-def row_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
-    """Flat token indices (row-major over [B, S], as the MoE blocks flatten) of each row's real
-    (unpadded) tokens."""
+def token_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The row of every token [B·S] (row-major over [B, S], as the MoE blocks flatten), −1 for
+    padding."""
     b, s = int(input_ids.shape[0]), int(input_ids.shape[-1])
-    mask = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    flat = torch.arange(b * s).reshape(b, s)
-    return [flat[r][mask[r]] for r in range(b)]
-
-
-def retained_mass(traces: list[LayerTrace]) -> float:
-    """Mean over layers and tokens of Σ kept importance / Σ candidate importance (softmax of logits)."""
-    shares = []
-    for t in traces:
-        imp = torch.softmax(t.logits.float(), -1).gather(-1, t.candidates)
-        shares.append((imp * t.keep).sum(-1) / imp.sum(-1).clamp_min(1e-30))
-    return float(torch.cat(shares).mean()) if shares and sum(len(x) for x in shares) else 1.0
+    rows = torch.arange(b)[:, None].expand(b, s)
+    if attention_mask is None:
+        return rows.reshape(-1)
+    return torch.where(attention_mask.bool(), rows, -1).reshape(-1)
 
 
 def account_step(
@@ -200,13 +200,17 @@ class Simulation:
         traces = self.wm.recorder.clear()
         return self.account(view, expert_loads(traces, self.wm.num_experts), new_tokens)
 
-    def after_rows(self, view: ExpertLatency, rows: list[torch.Tensor]) -> list[StepRecord]:
-        """Account each row's tokens (flat indices) of the forward just recorded as its own request."""
+    def after_rows(self, view: ExpertLatency, row: torch.Tensor) -> list[StepRecord]:
+        """Account each row (``row`` [T]: each token's row, −1 for padding) of the forward just
+        recorded as its own request."""
         traces = self.wm.recorder.clear()
+        rows = int(row.max()) + 1
+        kept, dropped, mass = row_loads(traces, self.wm.num_experts, row, rows)
+        lengths = torch.bincount(row[row >= 0], minlength=rows).tolist()
         steps = []
-        for r in rows:
+        for r in range(rows):
             self.new_request()
-            steps.append(self.account(view, expert_loads(traces, self.wm.num_experts, r), len(r)))
+            steps.append(self.account(view, (kept[r], dropped[r], mass[r]), int(lengths[r])))
         self.new_request()
         return steps
 
@@ -253,7 +257,7 @@ class Simulation:
             assert ids is not None, "the model was called without input_ids"
             no_cache = kwargs.get("past_key_values") is None and not kwargs.get("use_cache", False)
             if self.settings.split_rows and no_cache and self.context_tokens == 0:
-                self.after_rows(state.pop("view"), row_tokens(ids, kwargs.get("attention_mask")))
+                self.after_rows(state.pop("view"), token_rows(ids, kwargs.get("attention_mask")))
             else:
                 self.after_forward(state.pop("view"), int(ids.shape[-1]))
 
