@@ -130,3 +130,16 @@ def test_latency_is_per_request_whatever_the_batch_size(ckpt, tmp_path):
     assert sum(devices["tokens"]) > 0 and devices["drop_rate"] == [0.0] * 8  # topk drops nothing
     assert b["latency"]["experts_per_token"] == pytest.approx(2.0)  # the tiny model's top-2
     assert len(b["latency"]["per_layer"]["waiting_s"]) == 2
+
+
+@needs_data
+def test_policy_parameters_reach_the_policy_and_the_record(ckpt, tmp_path):
+    out = tmp_path / "p.jsonl"
+    res = run_eval(ckpt, out, "--param", "k_scaled=true", tasks="arc_easy")
+    assert res.exit_code == 0, res.output
+    (record,) = read_records(out)
+    assert record["config"]["policy"]["params"] == {"theta": 0.3, "k_scaled": True}
+    bad = run_eval(ckpt, tmp_path / "q.jsonl", "--param", "k_scaled", tasks="arc_easy")
+    assert bad.exit_code == 2 and "'k_scaled' is not NAME=VALUE" in bad.stderr
+    unknown = run_eval(ckpt, tmp_path / "r.jsonl", "--param", "colour=red", tasks="arc_easy")
+    assert unknown.exit_code == 2 and "colour" in unknown.stderr

@@ -86,7 +86,7 @@ def test_scenario_must_describe_the_model():
 def test_split_rows_accounts_each_unpadded_row_as_the_request_it_would_be_alone():
     model = tiny_model("mixtral")
     wm = install(model, make_policy("topk"))
-    cfg = load_scenario("paper", TINY)
+    cfg = load_scenario("paper", [*TINY, "channel.fading=none"])  # a channel constant in time
     gen = torch.Generator().manual_seed(1)
     rows = [torch.randint(1, 128, (n,), generator=gen) for n in (7, 4, 5)]
     ids = torch.zeros(3, 7, dtype=torch.long)
@@ -105,5 +105,21 @@ def test_split_rows_accounts_each_unpadded_row_as_the_request_it_would_be_alone(
     assert [r.new_tokens for r in batched.records] == [7, 4, 5]
     for b, a in zip(batched.records, alone.records, strict=True):
         np.testing.assert_array_equal(b.expert_tokens, a.expert_tokens)  # padding is not routed work
-        assert b.start_s == pytest.approx(a.start_s) and b.total_s == pytest.approx(a.total_s)
+        assert b.total_s == pytest.approx(a.total_s)
         assert b.device_tokens.sum() == b.expert_tokens.sum() and b.snr_db_dl.shape == (8,)
+    # the rows arrive together: priced at the forward's start; the clock moves on by their sum
+    assert [r.start_s for r in batched.records] == [0.0] * 3
+    assert batched.time_s == pytest.approx(sum(r.total_s for r in alone.records))
+
+
+def test_split_rows_prices_every_row_on_the_channel_of_the_forward_start():
+    model = tiny_model("mixtral")
+    wm = install(model, make_policy("wdmoe", theta=0.3))
+    cfg = load_scenario("paper", TINY)
+    ids = torch.randint(1, 128, (6, 5), generator=torch.Generator().manual_seed(4))
+    sim = Simulation(wm, cfg, SimSettings(seed=5, allocator="minmax", split_rows=True))
+    with sim.attached(), torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    first = sim.records[0]
+    for r in sim.records:
+        np.testing.assert_array_equal(r.snr_db_dl, first.snr_db_dl)  # one channel snapshot

@@ -308,6 +308,10 @@ def eval_cmd(
         str, typer.Option(help=f"Expert selection policy: {', '.join(POLICIES.names())}.")
     ] = "topk",
     theta: Annotated[float | None, typer.Option(help="θ of wdmoe-type policies.")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="Another policy parameter NAME=VALUE, e.g. k_scaled=true, tau_s=0.05, p=0.9."),
+    ] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Router candidates per token.")] = None,
     scenario: Annotated[str, typer.Option(help="Scenario preset or .toml file.")] = "paper",
     set_: Annotated[
@@ -329,13 +333,17 @@ def eval_cmd(
     Latency is per request: each scored sequence (context + choice) is one prefill; GSM8K runs
     one question at a time (prefill + decode)."""
     from wdmoe.eval.results import select_records
-    from wdmoe.eval.runner import EvalPoint, Evaluator
+    from wdmoe.eval.runner import EvalPoint, Evaluator, parse_params
 
     quiet_transformers()
+    try:
+        params = parse_params(param or [])
+    except WdmoeError as e:
+        raise fail(e) from e
     point = EvalPoint(
         model=model,
         policy=policy,
-        params={} if theta is None else {"theta": theta},
+        params=params if theta is None else {"theta": theta, **params},
         top_k=top_k,
         scenario=scenario,
         overrides=tuple(set_ or ()),

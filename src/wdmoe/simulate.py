@@ -35,9 +35,11 @@ class SimSettings:
     """How the BS sees and shares the channel. trace_blocks × coherence_s bounds simulated time.
 
     split_rows: account every row of a batched forward without KV cache as its own request (its
-    unpadded tokens prefilled alone, one after another in simulated time), so that a scorer's
-    batching (e.g. the choices of multiple-choice items) does not change the latency per request.
-    The policy decides once per forward, on the estimate at the forward's start.
+    unpadded tokens prefilled alone), so that a scorer's batching (e.g. the choices of
+    multiple-choice items) does not change the latency per request. The rows of one forward are
+    requests arriving at the same time: the policy and the allocator decide on the estimate at the
+    forward's start and every row is priced on the true channel of that time; the clock then
+    advances by the rows' summed latency (the channel is sampled once per forward).
     """
 
     allocator: str = "equal"
@@ -102,11 +104,11 @@ def row_loads(
         keep = t.keep & real[:, None]
         miss = ~t.keep & real[:, None]
         flat = (idx[:, None] * num_experts + t.candidates).reshape(-1)
-        kept[:, layer] = (
-            torch.bincount(flat, keep.reshape(-1).double(), rows * num_experts).reshape(rows, num_experts)
+        kept[:, layer] = torch.bincount(flat, keep.reshape(-1).double(), rows * num_experts).reshape(
+            rows, num_experts
         )
-        dropped[:, layer] = (
-            torch.bincount(flat, miss.reshape(-1).double(), rows * num_experts).reshape(rows, num_experts)
+        dropped[:, layer] = torch.bincount(flat, miss.reshape(-1).double(), rows * num_experts).reshape(
+            rows, num_experts
         )
         imp = torch.softmax(t.logits.double(), -1).gather(-1, t.candidates)
         share = (imp * t.keep).sum(-1) / imp.sum(-1).clamp_min(1e-30)
@@ -207,24 +209,32 @@ class Simulation:
         rows = int(row.max()) + 1
         kept, dropped, mass = row_loads(traces, self.wm.num_experts, row, rows)
         lengths = torch.bincount(row[row >= 0], minlength=rows).tolist()
+        true, start_s = self.trace.state(self.block()), self.time_s
         steps = []
         for r in range(rows):
             self.new_request()
-            steps.append(self.account(view, (kept[r], dropped[r], mass[r]), int(lengths[r])))
+            steps.append(self.account(view, (kept[r], dropped[r], mass[r]), int(lengths[r]), true, start_s))
         self.new_request()
         return steps
 
     def account(
-        self, view: ExpertLatency, loads: tuple[FloatArray, FloatArray, float], new_tokens: int
+        self,
+        view: ExpertLatency,
+        loads: tuple[FloatArray, FloatArray, float],
+        new_tokens: int,
+        true: ChannelState | None = None,
+        start_s: float | None = None,
     ) -> StepRecord:
+        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) on ``true`` (default: the
+        true channel now), record the step as starting at ``start_s`` (default: now), advance time."""
         kept, dropped, mass = loads
-        true = self.trace.state(self.block())
+        true = self.trace.state(self.block()) if true is None else true
         cost = account_step(kept, true, view, self.allocator, self.scenario, new_tokens, self.context_tokens)
         phase = "prefill" if self.context_tokens == 0 else "decode"
         share = true.equal_share_hz()
         record = StepRecord(
             phase,
-            self.time_s,
+            self.time_s if start_s is None else start_s,
             new_tokens,
             kept,
             dropped,

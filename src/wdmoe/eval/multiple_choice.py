@@ -118,7 +118,8 @@ def score_choices(
     for item in items:
         k = len(item.continuations)
         ll = lls[pos : pos + k]
-        norm = [v / len(c) for v, c in zip(ll, item.continuations, strict=True)]
+        # lm-eval divides by the choice's characters, without the target delimiter (the leading space)
+        norm = [v / max(len(c.removeprefix(" ")), 1) for v, c in zip(ll, item.continuations, strict=True)]
         hits += int(max(range(k), key=ll.__getitem__) == item.gold)
         hits_norm += int(max(range(k), key=norm.__getitem__) == item.gold)
         pos += k

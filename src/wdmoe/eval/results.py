@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -145,12 +145,47 @@ def completed_keys(path: Path) -> set[str]:
     return {str(r["key"]) for r in read_records(path) if "key" in r}
 
 
+def _line_start(f: BinaryIO, end: int, chunk: int = 1 << 16) -> int:
+    """Offset just after the last newline before ``end`` (0 if none), reading backwards."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        cut = f.read(pos - start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        pos = start
+    return 0
+
+
+def complete_prefix(path: Path) -> int:
+    """Byte length of ``path`` without a bad tail: an unterminated last line (a write cut short)
+    and a last line that is not a JSON object. Reads backwards from the end only, so appending
+    stays O(1) in the file's size."""
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = _line_start(f, size)  # after the last newline
+        if end == 0:
+            return 0
+        start = _line_start(f, end - 1)
+        f.seek(start)
+        line = f.read(end - start)
+    try:
+        valid = isinstance(json.loads(line), dict) if line.strip() else True
+    except json.JSONDecodeError:
+        valid = False
+    return end if valid else start
+
+
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
     """Append ``record`` as one line, durably (flush + fsync); a truncated tail is cut off first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _, valid_end = _parse_lines(path)
+    valid_end = complete_prefix(path)
     if path.exists() and path.stat().st_size != valid_end:
+        warnings.warn(f"{path}: cutting off a truncated last line (an interrupted write)", stacklevel=2)
         os.truncate(path, valid_end)
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")

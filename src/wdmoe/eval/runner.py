@@ -94,6 +94,31 @@ class EvalPoint:
         }
 
 
+def parse_value(text: str) -> bool | int | float | str:
+    """"true"/"false" → bool, then int, then float; anything else stays a string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["theta=0.1", "k_scaled=true"]`` → {"theta": 0.1, "k_scaled": True}; a pair without "=" is
+    an error naming it."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"policy parameter {pair!r} is not NAME=VALUE (e.g. k_scaled=true, tau_s=0.05)")
+        params[key.strip()] = parse_value(value)
+    return params
+
+
 def new_request_hook(sim: Simulation) -> Callable[..., None]:
     """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
 

@@ -1,0 +1,262 @@
+"""The lm-eval model ``wdmoe``: lm-eval's own HFLM scoring a model with wdmoe installed, in a simulated cell.
+
+    lm_eval.simple_evaluate(
+        model="wdmoe",
+        model_args="policy=wdmoe,theta=0.1,scenario=paper,top_k=7,allocator=minmax,seed=0",
+        tasks=["wdmoe_arc_easy"], task_manager=local_task_manager(folder),
+    )
+
+Scoring is HFLM's, unchanged (its tokenisation, batching, truncation and metrics): only the model
+differs. Every request batch lm-eval hands over runs with a :class:`~wdmoe.simulate.Simulation`
+of the scenario's cell attached, so channel-aware policies (``wdmoe``, ``budget``, …) see the
+channel, and every forward is priced on it; a forward without a KV cache starts a new simulated
+request, as in ``wdmoe eval``. ``lm.latency`` holds the summary so far (``latency_summary`` of
+``lm.sim.records``); it is logged after each request batch.
+
+model_args: ``model`` ('default' or a local checkpoint folder), ``policy`` (a registered name),
+``theta`` and the policy's other parameters by name (e.g. ``tau_s`` for ``budget``), ``top_k``,
+``scenario`` (preset or .toml), ``overrides`` (dotted scenario overrides separated by ``;``,
+e.g. ``overrides=cell.bandwidth_hz=10e6;cell.num_devices=4``), ``allocator``, ``seed``, and any
+parameter of HFLM itself (``batch_size``, ``max_length``, …) except ``pretrained`` / ``tokenizer``.
+"""
+
+import inspect
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from wdmoe.allocation import make_allocator
+from wdmoe.config import ScenarioConfig, load_scenario
+from wdmoe.errors import ConfigError
+from wdmoe.eval.results import latency_summary
+from wdmoe.models.install import WirelessModel, install
+from wdmoe.models.loading import DEFAULT, load_checkpoint
+from wdmoe.policies import POLICIES, make_policy
+from wdmoe.simulate import SimSettings, Simulation
+
+log = logging.getLogger(__name__)
+
+WDMOE_ARGS = ("model", "policy", "theta", "top_k", "scenario", "overrides", "allocator", "seed")
+HFLM_ARGS = tuple(p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs"))
+SET_BY_WDMOE = ("pretrained", "tokenizer")  # the loaded model and its tokenizer
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """wdmoe's model_args, checked; ``policy_params`` are the policy's own (θ included)."""
+
+    model: str = DEFAULT
+    policy: str = "topk"
+    policy_params: Mapping[str, Any] = field(default_factory=dict)
+    top_k: int | None = None
+    scenario: str = "paper"
+    overrides: tuple[str, ...] = ()
+    allocator: str = "equal"
+    seed: int = 0
+
+    def scenario_overrides(self) -> list[str]:
+        """The default model is described by the ``smollm2-moe8`` preset; other models by ``overrides``."""
+        return (["model=smollm2-moe8"] if self.model == DEFAULT else []) + list(self.overrides)
+
+
+def as_text(name: str, value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"model_args {name}={value!r} must be a name or a path")
+    return str(value)
+
+
+def as_int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"model_args {name}={value!r} must be an integer ≥ {lo}")
+    return value
+
+
+def as_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"model_args {name}={value!r} must be a number")
+    return float(value)
+
+
+def policy_parameters(policy: str) -> tuple[str, ...]:
+    """The keyword parameters of a registered policy (its dataclass fields but ``name``)."""
+    params = inspect.signature(POLICIES.get(policy)).parameters
+    return tuple(p for p in params if p not in ("name", "state"))
+
+
+def parse_model_args(raw: Mapping[str, Any]) -> tuple[ModelArgs, dict[str, Any]]:
+    """lm-eval's model_args → (wdmoe's, checked; HFLM's own). Errors name the argument and its value."""
+    rest = dict(raw)
+    policy = as_text("policy", rest.pop("policy", "topk"))
+    accepted = policy_parameters(policy)  # an unknown policy raises here, naming it and the known ones
+    params: dict[str, Any] = {}
+    hf: dict[str, Any] = {}
+    theta = rest.pop("theta", None)
+    if theta is not None:
+        rest["theta"] = as_number("theta", theta)
+    for key, value in rest.items():
+        if key in WDMOE_ARGS and key != "theta":
+            continue
+        if key in accepted:
+            params[key] = value
+        elif key == "theta":
+            raise ConfigError(
+                f"model_args theta={value!r}: policy {policy!r} has no θ "
+                f"(its parameters: {', '.join(accepted) or 'none'}); use e.g. policy=wdmoe"
+            )
+        elif key in HFLM_ARGS and key not in SET_BY_WDMOE:
+            hf[key] = value
+        else:
+            raise ConfigError(
+                f"unknown model_args {key}={value!r}; wdmoe takes {', '.join(WDMOE_ARGS)}, policy "
+                f"{policy!r} takes {', '.join(accepted) or 'no parameter'}, and HFLM's own (e.g. batch_size)"
+            )
+    args = ModelArgs(
+        model=as_text("model", rest.get("model", DEFAULT)),
+        policy=policy,
+        policy_params=params,
+        top_k=None if rest.get("top_k") is None else as_int("top_k", rest["top_k"], 1),
+        scenario=as_text("scenario", rest.get("scenario", "paper")),
+        overrides=tuple(o.strip() for o in as_text("overrides", rest.get("overrides", "")).split(";") if o),
+        allocator=as_text("allocator", rest.get("allocator", "equal")),
+        seed=as_int("seed", rest.get("seed", 0), 0),
+    )
+    make_allocator(args.allocator)  # an unknown allocator raises now, not after the model has loaded
+    return args, hf
+
+
+def build_policy(args: ModelArgs) -> Any:
+    """The policy of ``args``; a value out of range raises ConfigError naming it (e.g. wdmoe.theta)."""
+    try:
+        return make_policy(args.policy, **args.policy_params)
+    except TypeError as e:
+        raise ConfigError(f"policy {args.policy!r} does not take {dict(args.policy_params)}: {e}") from e
+
+
+@register_model("wdmoe")
+class WdmoeLM(HFLM):  # type: ignore[misc]  # HFLM is untyped
+    """HFLM on ``load_checkpoint(model)`` with wdmoe installed and the scenario's cell simulated."""
+
+    def __init__(self, **model_args: Any) -> None:
+        device = model_args.pop("device", None)  # lm-eval's CLI passes cuda:0 unless told otherwise
+        if device not in (None, "cpu"):
+            log.info("device=%s ignored: wdmoe runs the model on the CPU (where it is simulated)", device)
+        args, hf_kwargs = parse_model_args(model_args)
+        policy = build_policy(args)
+        scenario = load_scenario(args.scenario, args.scenario_overrides())
+        settings = SimSettings(allocator=args.allocator, seed=args.seed)
+        net, tok = load_checkpoint(args.model)
+        wm = install(net, policy)
+        if args.top_k is not None:
+            wm.set_top_k(args.top_k)
+        sim = Simulation(wm, scenario, settings)  # checks that the scenario describes this model
+        super().__init__(pretrained=net, tokenizer=tok, **hf_kwargs)
+        self.args: ModelArgs = args
+        self.wm: WirelessModel = wm
+        self.scenario: ScenarioConfig = scenario
+        self.sim: Simulation = sim
+        self.latency: dict[str, Any] = latency_summary([])
+        self._depth = 0
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "WdmoeLM":
+        """As LM's, but a value in model_args (e.g. batch_size) wins over the CLI's default for it."""
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict | None = None
+    ) -> "WdmoeLM":
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    def config(self) -> dict[str, Any]:
+        """The resolved configuration, for result records (as ``wdmoe eval`` writes it)."""
+        a = self.args
+        model = a.model if a.model == DEFAULT else str(Path(a.model).resolve())
+        return {
+            "model": model,
+            "policy": {"name": a.policy, "params": dict(a.policy_params)},
+            "top_k": self.wm.top_k,
+            "scenario": {
+                "name": a.scenario,
+                "overrides": a.scenario_overrides(),
+                "resolved": self.scenario.to_dict(),
+            },
+            "allocator": a.allocator,
+            "seeds": {"channel": a.seed},
+        }
+
+    @contextmanager
+    def accounted(self) -> Iterator[Simulation]:
+        """Run forwards inside the simulation (re-entrant); then refresh and log ``latency``."""
+        if self._depth:
+            yield self.sim
+            return
+        self._depth += 1
+        try:
+            with self.sim.attached():
+                handle = self.wm.model.register_forward_pre_hook(
+                    new_request_hook(self.sim), with_kwargs=True, prepend=True
+                )
+                try:
+                    yield self.sim
+                finally:
+                    handle.remove()
+        finally:
+            self._depth -= 1
+        self.latency = latency_summary(self.sim.records)
+        log.info("wdmoe simulated latency (%s): %s", self.label(), brief(self.latency))
+
+    def label(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.args.policy_params.items())
+        policy = f"{self.args.policy}({params})" if params else self.args.policy
+        a = self.args
+        return f"{policy}, top-{self.wm.top_k}, {self.scenario.name}, {a.allocator}, seed {a.seed}"
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        with self.accounted():
+            result: list[tuple[float, bool]] = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return result
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        with self.accounted():
+            result: list[float] = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        return result
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        with self.accounted():
+            result: list[str] = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        return result
+
+
+def brief(latency: Mapping[str, Any]) -> str:
+    """The headline numbers of a latency summary, for a log line (ms; rates as fractions)."""
+    if not latency.get("requests"):
+        return "no request"
+    ms = " ".join(f"{k.removesuffix('_s')} {latency[k] * 1e3:.2f}" for k in ("mean_s", "p50_s", "p99_s"))
+    return (
+        f"{latency['requests']} requests, ms: {ms}; drop rate {latency['drop_rate']:.3f}, "
+        f"retained mass {latency['retained_mass']:.3f}"
+    )
+
+
+def new_request_hook(sim: Simulation) -> Any:
+    """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            sim.new_request()
+
+    return pre
