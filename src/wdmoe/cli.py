@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from wdmoe.cli_cell import cell_app
+from wdmoe.cli_report import report_cmd, reproduce_cmd
 from wdmoe.cli_sweep import sweep_cmd
 from wdmoe.errors import WdmoeError
 from wdmoe.policies import POLICIES
@@ -20,6 +21,8 @@ app = typer.Typer(help="WDMoE: wireless distributed Mixture-of-Experts LLMs.", n
 model_app = typer.Typer(help="Build, inspect and split models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(cell_app, name="cell")
+app.command("report")(report_cmd)
+app.command("reproduce")(reproduce_cmd)
 app.command("sweep")(sweep_cmd)
 err = Console(stderr=True, soft_wrap=True)
 

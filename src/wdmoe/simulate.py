@@ -6,8 +6,11 @@ Every forward of the model (a prefill, then one per decode step) is one *step*:
    becomes the policy's :class:`ExpertLatency` snapshot (equal bandwidth split);
 2. the model runs; every MoE block's policy selects on that snapshot and the recorder keeps what
    ran: tokens per expert and layer n [L, E];
-3. :func:`account_step` prices n on the *true* channel of that time, with the allocator's split
-   per layer (decided on the estimate), plus BS compute; simulated time advances by the result.
+3. the step is priced layer by layer in simulated time (:meth:`Simulation.account`): layer l starts
+   when layer l−1 and its BS compute end; the allocator splits the band on the BS's estimate at
+   that time and the devices' loads n_l are priced on the *true* channel of that time (the fading
+   block the layer falls in), so a long prefill sees the channel evolve instead of one snapshot;
+   then the LM head. :func:`account_step` is the single-snapshot version (latency-only studies).
 The same trace (seed) is replayed for every policy, so comparisons are paired.
 """
 
@@ -37,9 +40,9 @@ class SimSettings:
     split_rows: account every row of a batched forward without KV cache as its own request (its
     unpadded tokens prefilled alone), so that a scorer's batching (e.g. the choices of
     multiple-choice items) does not change the latency per request. The rows of one forward are
-    requests arriving at the same time: the policy and the allocator decide on the estimate at the
-    forward's start and every row is priced on the true channel of that time; the clock then
-    advances by the rows' summed latency (the channel is sampled once per forward).
+    requests arriving at the same time: the policy decides on the estimate at the forward's start
+    and every row is priced layer by layer from that time; the clock then advances by the rows'
+    summed latency.
     """
 
     allocator: str = "equal"
@@ -180,17 +183,19 @@ class Simulation:
         self.time_s = 0.0
         self.context_tokens = 0
 
-    def block(self) -> int:
-        return min(int(self.time_s // self.trace.block_s), self.trace.num_blocks - 1)
+    def block(self, time_s: float | None = None) -> int:
+        """The trace block of ``time_s`` (default: now), clipped to the trace."""
+        t = self.time_s if time_s is None else time_s
+        return min(int(t // self.trace.block_s), self.trace.num_blocks - 1)
+
+    def estimate(self, block: int) -> ChannelState:
+        """The BS's channel estimate at ``block`` (stale / noisy CSI per the settings)."""
+        return bs_estimate(
+            self.trace, block, self.csi_rng, self.settings.csi_delay_blocks, self.settings.csi_error_std_db
+        )
 
     def before_forward(self) -> ExpertLatency:
-        estimate = bs_estimate(
-            self.trace,
-            self.block(),
-            self.csi_rng,
-            self.settings.csi_delay_blocks,
-            self.settings.csi_error_std_db,
-        )
+        estimate = self.estimate(self.block())
         view = ExpertLatency.from_scenario(self.scenario, estimate)
         self.wm.set_context(estimate, view)
         self.wm.recorder.clear()
@@ -209,11 +214,11 @@ class Simulation:
         rows = int(row.max()) + 1
         kept, dropped, mass = row_loads(traces, self.wm.num_experts, row, rows)
         lengths = torch.bincount(row[row >= 0], minlength=rows).tolist()
-        true, start_s = self.trace.state(self.block()), self.time_s
+        start_s = self.time_s
         steps = []
         for r in range(rows):
             self.new_request()
-            steps.append(self.account(view, (kept[r], dropped[r], mass[r]), int(lengths[r]), true, start_s))
+            steps.append(self.account(view, (kept[r], dropped[r], mass[r]), int(lengths[r]), start_s))
         self.new_request()
         return steps
 
@@ -222,28 +227,51 @@ class Simulation:
         view: ExpertLatency,
         loads: tuple[FloatArray, FloatArray, float],
         new_tokens: int,
-        true: ChannelState | None = None,
         start_s: float | None = None,
     ) -> StepRecord:
-        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) on ``true`` (default: the
-        true channel now), record the step as starting at ``start_s`` (default: now), advance time."""
+        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) layer by layer from
+        ``start_s`` (default: now): per layer the allocator splits the band on the estimate at the
+        layer's start, t_u = DL + compute + UL on the true channel then, T_l = max over busy
+        devices, then BS compute; the LM head last. Records the step; the clock advances by it."""
         kept, dropped, mass = loads
-        true = self.trace.state(self.block()) if true is None else true
-        cost = account_step(kept, true, view, self.allocator, self.scenario, new_tokens, self.context_tokens)
-        phase = "prefill" if self.context_tokens == 0 else "decode"
-        share = true.equal_share_hz()
+        start = self.time_s if start_s is None else start_s
+        tokens = view.device_tokens(kept)  # [L, U]
+        bs_flops = self.scenario.cell.bs_flops_per_s
+        bs_s = bs_seconds(self.scenario.model, new_tokens, self.context_tokens, bs_flops)
+        parts = np.zeros((3, *tokens.shape))  # downlink, compute, uplink [L, U]
+        waiting = np.zeros(tokens.shape[0])
+        t = start
+        for layer, n in enumerate(tokens):
+            block = self.block(t)
+            if n.any():
+                demand = layer_demand(n, view.flops_per_s, view.cost)
+                bandwidth = self.allocator.allocate(demand, self.estimate(block)).bandwidth_hz
+                true = self.trace.state(block)
+                times = device_times(
+                    n, true.dl.rate_bps(bandwidth), true.ul.rate_bps(bandwidth), view.flops_per_s, view.cost
+                )
+                parts[:, layer] = times.downlink_s, times.compute_s, times.uplink_s
+                waiting[layer] = float(np.max(np.where(n > 0, times.total_s, 0.0)))
+            t += waiting[layer] + bs_s[layer]
+        first = self.trace.state(self.block(start))
+        share = first.equal_share_hz()
         record = StepRecord(
-            phase,
-            self.time_s if start_s is None else start_s,
+            "prefill" if self.context_tokens == 0 else "decode",
+            start,
             new_tokens,
             kept,
             dropped,
             mass,
-            view.device_tokens(kept),
+            tokens,
             view.device_tokens(dropped),
-            10 * np.log10(np.maximum(true.dl.snr(share), 1e-30)),
-            10 * np.log10(np.maximum(true.ul.snr(share), 1e-30)),
-            **cost,
+            10 * np.log10(np.maximum(first.dl.snr(share), 1e-30)),
+            10 * np.log10(np.maximum(first.ul.snr(share), 1e-30)),
+            downlink_s=parts[0],
+            compute_s=parts[1],
+            uplink_s=parts[2],
+            waiting_s=waiting,
+            bs_s=bs_s,
+            head_s=lm_head_flops(self.scenario.model) / bs_flops,
         )
         self.records.append(record)
         self.time_s += record.total_s
@@ -265,7 +293,8 @@ class Simulation:
         def post(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             assert ids is not None, "the model was called without input_ids"
-            no_cache = kwargs.get("past_key_values") is None and not kwargs.get("use_cache", False)
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate: `cache`
+            no_cache = cache is None and not kwargs.get("use_cache", False)
             if self.settings.split_rows and no_cache and self.context_tokens == 0:
                 self.after_rows(state.pop("view"), token_rows(ids, kwargs.get("attention_mask")))
             else:

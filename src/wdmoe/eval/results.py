@@ -55,6 +55,7 @@ def latency_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
         "ttft_s": float(np.mean(prefill)) if prefill else None,
         "tpot_s": float(np.mean(decode)) if decode else None,
         "total_s": float(per_request.sum()),
+        "per_request_s": [float(f"{x:.4g}") for x in per_request],  # for CDFs (wdmoe report)
         "drop_rate": dropped / (kept + dropped) if kept + dropped > 0 else 0.0,
         "retained_mass": float(np.mean([r.retained_mass for r in records])),
         "experts_per_token": kept

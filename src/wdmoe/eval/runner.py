@@ -123,7 +123,7 @@ def new_request_hook(sim: Simulation) -> Callable[..., None]:
     """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
 
     def pre(module: Any, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate: `cache`
         if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
             sim.new_request()
 

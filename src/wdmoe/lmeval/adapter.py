@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -36,6 +35,7 @@ from wdmoe.allocation import make_allocator
 from wdmoe.config import ScenarioConfig, load_scenario
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import latency_summary
+from wdmoe.eval.runner import new_request_hook
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import DEFAULT, load_checkpoint
 from wdmoe.policies import POLICIES, make_policy
@@ -150,7 +150,7 @@ class WdmoeLM(HFLM):  # type: ignore[misc]  # HFLM is untyped
         args, hf_kwargs = parse_model_args(model_args)
         policy = build_policy(args)
         scenario = load_scenario(args.scenario, args.scenario_overrides())
-        settings = SimSettings(allocator=args.allocator, seed=args.seed)
+        settings = SimSettings(allocator=args.allocator, seed=args.seed, split_rows=True)
         net, tok = load_checkpoint(args.model)
         wm = install(net, policy)
         if args.top_k is not None:
@@ -249,14 +249,3 @@ def brief(latency: Mapping[str, Any]) -> str:
         f"{latency['requests']} requests, ms: {ms}; drop rate {latency['drop_rate']:.3f}, "
         f"retained mass {latency['retained_mass']:.3f}"
     )
-
-
-def new_request_hook(sim: Simulation) -> Any:
-    """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
-
-    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
-            sim.new_request()
-
-    return pre

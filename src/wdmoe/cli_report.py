@@ -1,0 +1,170 @@
+"""``wdmoe report`` and ``wdmoe reproduce`` (thin; the work is in wdmoe.report and wdmoe.reproduce)."""
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from wdmoe.errors import WdmoeError
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def summary_console() -> Console:
+    """stderr at the terminal's width, or wide enough for the whole table when it is redirected."""
+    return Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {error}")
+    return typer.Exit(code=2)
+
+
+def print_highlights(rows: tuple) -> None:
+    """Per task: vanilla latency and the fastest other config with its accuracy change."""
+    from wdmoe.report import highlights
+
+    table = Table(title="per task: the largest speed-up against vanilla topk")
+    for col in ("task", "configs", "topk mean s", "fastest", "speed-up", "Δ metric"):
+        table.add_column(col, justify="right")
+    for h in highlights(list(rows)):
+        table.add_row(
+            h.task,
+            str(h.configs),
+            "–" if h.vanilla_s is None else f"{h.vanilla_s:.4g}",
+            h.best or "–",
+            "–" if h.speedup is None else f"{h.speedup:.2f}×",
+            "–" if h.delta is None else f"{h.delta:+.1f}",
+        )
+    summary_console().print(table)
+
+
+def report_cmd(
+    results: Annotated[Path, typer.Argument(help="Results file (JSON Lines from `wdmoe eval` / reproduce).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.md and the plots.")] = Path("report"),
+    title: Annotated[str, typer.Option(help="The report's title.")] = "wdmoe report",
+) -> None:
+    """Tables per task (accuracy, latency, ×speed-up and Δaccuracy against vanilla topk) and plots."""
+    from wdmoe.report import load_records, write_report
+
+    try:
+        report = write_report(load_records(results), out, title)
+    except WdmoeError as e:
+        raise _fail(e) from e
+    print_highlights(report.rows)
+    err.print(f"wrote [bold]{report.markdown}[/] ({len(report.rows)} rows) and {len(report.plots)} plots")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise _fail(ValueError(f"{option} = {text!r} is not a comma-separated list of numbers")) from e
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _limit(text: str, option: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError as e:
+        raise _fail(ValueError(f"{option} = {text!r} is not an integer or 'all'")) from e
+
+
+class StepProgress:
+    """One rich bar over the reproduction's points (on stderr)."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.job: TaskID | None = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.job is None:
+            self.job = self.bar.add_task(label, total=total)
+        self.bar.update(self.job, description=label, completed=done, total=total)
+
+
+def reproduce_cmd(
+    limit: Annotated[str, typer.Option(help="Items per task, or 'all'.")] = "20",
+    gsm8k_limit: Annotated[str, typer.Option(help="Items of generation tasks (GSM8K), or 'all'.")] = "2",
+    max_new_tokens: Annotated[int, typer.Option(help="Generation cap for GSM8K.")] = 96,
+    tasks: Annotated[str, typer.Option(help="Comma-separated registered tasks.")] = (
+        "arc_easy,piqa,winogrande,boolq,arc_challenge,gsm8k"
+    ),
+    thetas: Annotated[str, typer.Option(help="WDMoE θ values, comma-separated.")] = "0.05,0.1,0.2,0.3",
+    k_scaled: Annotated[bool, typer.Option(help="Use θ·2/k (θ as at Mixtral's k = 2).")] = True,
+    allocators: Annotated[str, typer.Option(help="Bandwidth allocators, comma-separated.")] = "equal,minmax",
+    model: Annotated[str, typer.Option(help="'default' or a local checkpoint folder.")] = "default",
+    scenario: Annotated[str, typer.Option(help="Scenario preset or .toml file.")] = "paper",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a scenario field: a.b=value.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Channel trace seed.")] = 0,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the benchmark JSONL files (default: $WDMOE_DATA).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward (scoring only).")] = 16,
+    study_prompts: Annotated[
+        int, typer.Option(help="Prompts per task for the Mixtral latency study (0: skip).")
+    ] = 20,
+    study_thetas: Annotated[str, typer.Option(help="θ values of the study (k = 2).")] = "0.1,0.2,0.3,0.4",
+    out_dir: Annotated[Path, typer.Option(help="Folder for results.jsonl, README.md and plots.")] = Path(
+        "docs/reproduce"
+    ),
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (1 is fastest on a shared machine; 0: torch's default).")
+    ] = 1,
+) -> None:
+    """The paper-style table: vanilla top-k vs WDMoE-θ with equal and minmax bandwidth, per task,
+    plus the Mixtral-8x7B latency study; resumable (results.jsonl), written to OUT_DIR/README.md."""
+    import torch
+
+    from wdmoe.cli import quiet_transformers
+    from wdmoe.eval.runner import Evaluator
+    from wdmoe.report import make_rows
+    from wdmoe.reproduce import ReproduceSettings, reproduce
+
+    quiet_transformers()
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        settings = ReproduceSettings(
+            tasks=_names(tasks),
+            thetas=_floats(thetas, "--thetas"),
+            allocators=_names(allocators),
+            k_scaled=k_scaled,
+            model=model,
+            scenario=scenario,
+            overrides=tuple(set_ or ()),
+            seed=seed,
+            limit=_limit(limit, "--limit"),
+            gsm8k_limit=_limit(gsm8k_limit, "--gsm8k-limit"),
+            max_new_tokens=max_new_tokens,
+            out_dir=out_dir,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            study_prompts=study_prompts,
+            study_thetas=_floats(study_thetas, "--study-thetas"),
+        )
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err) as bar:
+            outcome = reproduce(settings, StepProgress(bar), Evaluator())
+    except WdmoeError as e:
+        raise _fail(e) from e
+    finally:
+        torch.set_num_threads(before)
+    print_highlights(tuple(make_rows(outcome.records)))
+    run = [t for t in outcome.timings if not t.resumed]
+    err.print(
+        f"wrote [bold]{out_dir / 'README.md'}[/] in {outcome.wall_s:.0f} s "
+        f"({len(run)} points run, {len(outcome.timings) - len(run)} resumed)"
+    )

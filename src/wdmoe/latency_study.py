@@ -1,0 +1,293 @@
+"""The Mixtral-8x7B latency study: real router scores, priced at Mixtral's dimensions, no Mixtral.
+
+No Mixtral checkpoint runs here, but its latency depends on the model only through which experts
+each token selects. So (1) a model that runs (the default) answers task prompts with ``topk`` and
+its router logits [T, E] are recorded per layer; (2) each prompt becomes one prefill request of a
+Mixtral-sized model (``paper`` scenario: D = 4096, F = 14336, 32 layers, 8 experts, top-2): layer l
+reads the recorded layer l mod L_src, the router's top-2 come from those logits as Mixtral's do
+(softmax, top-2, renormalised), the policy under study selects on the BS's channel estimate, and
+:func:`wdmoe.simulate.account_step` prices the loads on the true channel with the allocator's
+split. Request i arrives at i·Δ (Δ = 1 s by default, far beyond the fading's coherence time) on
+the seed's channel trace, whatever the policy: each request meets the same channel under every
+policy and allocator (paired), and its whole prefill sees one fading block, as a forward does in
+:class:`wdmoe.simulate.Simulation`.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wdmoe.allocation import make_allocator
+from wdmoe.channel import generate_trace
+from wdmoe.channel.trace import ChannelTrace
+from wdmoe.config import ScenarioConfig
+from wdmoe.errors import ConfigError
+from wdmoe.eval.tasks import (
+    ChoiceItem,
+    ContinuationItem,
+    Document,
+    GenerationItem,
+    Item,
+    PartialItem,
+    get_task,
+)
+from wdmoe.models.install import WirelessModel
+from wdmoe.policies import Policy, bs_estimate, make_policy
+from wdmoe.policies.costs import ExpertLatency
+from wdmoe.simulate import account_step, expert_loads
+from wdmoe.types import LayerTrace, RouterOutput
+
+RouterSample = list[torch.Tensor]  # one prompt: router logits [T, E] per MoE layer of the source model
+DEFAULT_THETAS = (0.1, 0.2, 0.3, 0.4)
+DEFAULT_ALLOCATORS = ("equal", "minmax")
+DEFAULT_INTERVAL_S = 1.0  # between request arrivals: ≫ the fading's coherence, so requests see fresh fades
+
+
+# --- 1. router scores from a model that runs ---------------------------------------------------
+
+
+def request_text(item: Item) -> str:
+    """The text one request prefills: a scored sequence (context + the gold continuation), a
+    generation prompt, or a document."""
+    if isinstance(item, ChoiceItem):
+        return item.context + item.continuations[item.gold]
+    if isinstance(item, PartialItem):
+        return item.contexts[item.gold] + item.continuation
+    if isinstance(item, GenerationItem):
+        return item.prompt
+    if isinstance(item, ContinuationItem):
+        return item.context + item.continuation
+    assert isinstance(item, Document), f"unknown item type {type(item).__name__}"
+    return item.text
+
+
+def study_prompts(tasks: Sequence[str], per_task: int, data_dir: Path | None = None) -> list[str]:
+    """The first ``per_task`` requests of each task."""
+    return [request_text(item) for t in tasks for item in get_task(t).load(data_dir, per_task)]
+
+
+def collect_logits(
+    wm: WirelessModel, tok: Any, prompts: Sequence[str], max_tokens: int = 512
+) -> list[RouterSample]:
+    """Run each prompt alone (vanilla topk) and keep its router logits per layer."""
+    wm.set_policy(make_policy("topk"))
+    wm.set_context(None, None)
+    wm.recorder.clear()
+    wm.recorder.enabled = True
+    samples = []
+    try:
+        for text in prompts:
+            ids = tok(text, return_tensors="pt").input_ids[:, :max_tokens]
+            with torch.no_grad():
+                wm.model(input_ids=ids)
+            traces = sorted(wm.recorder.clear(), key=lambda t: t.layer)
+            samples.append([t.logits.detach().float().cpu() for t in traces])
+    finally:
+        wm.recorder.enabled = False
+    return samples
+
+
+# --- 2. pricing the scores at another model's dimensions --------------------------------------
+
+
+def mixtral_route(logits: torch.Tensor, top_k: int) -> RouterOutput:
+    """Mixtral's router on logits [T, E]: softmax, the top-k candidates, weights renormalised over
+    them; importance = the softmax probability (what the mixtral adapter gives policies)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, candidates = torch.topk(probs, top_k, dim=-1)
+    weights = top / top.sum(dim=-1, keepdim=True)
+    return RouterOutput(logits, candidates, weights, top, renormalize=True)
+
+
+def layer_logits(sample: RouterSample, num_layers: int) -> list[torch.Tensor]:
+    """The source layers mapped onto ``num_layers`` target layers cyclically (l → l mod L_src)."""
+    return [sample[layer % len(sample)] for layer in range(num_layers)]
+
+
+def arrival_blocks(requests: int, interval_s: float, block_s: float) -> list[int]:
+    """The fading block at which request i arrives, at i·Δ (the same for every policy)."""
+    if interval_s < 0:
+        raise ConfigError(f"the study's arrival interval = {interval_s} s is out of range; allowed: ≥ 0")
+    return [int(i * interval_s // block_s) for i in range(requests)]
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """One priced request: end-to-end prefill latency (s), retained router mass, kept and dropped
+    expert-token pairs."""
+
+    total_s: float
+    retained_mass: float
+    kept: float
+    dropped: float
+    tokens: int
+
+
+def price_request(
+    sample: RouterSample,
+    scenario: ScenarioConfig,
+    policy: Policy,
+    allocator_name: str,
+    trace: ChannelTrace,
+    block: int,
+    rng: np.random.Generator,
+) -> RequestCost:
+    """One prompt's prefill on block ``block`` of ``trace``: select per layer on the BS's estimate
+    (equal split, as the simulator's policies see it), then :func:`account_step` on the truth."""
+    m = scenario.model
+    estimate = bs_estimate(trace, block, rng)
+    view = ExpertLatency.from_scenario(scenario, estimate)
+    traces = []
+    for layer, logits in enumerate(layer_logits(sample, m.num_layers)):
+        if logits.shape[-1] != m.num_experts:
+            raise ConfigError(
+                f"the router scores have {logits.shape[-1]} experts but {m.name} has {m.num_experts}; "
+                "record them from a model with as many experts"
+            )
+        route = mixtral_route(logits, m.top_k)
+        sel = policy.select(route, estimate, view)
+        traces.append(LayerTrace(layer, logits, route.candidates, sel.keep, sel.weights))
+    kept, dropped, mass = expert_loads(traces, m.num_experts)
+    tokens = int(sample[0].shape[0])
+    cost = account_step(kept, trace.state(block), view, make_allocator(allocator_name), scenario, tokens, 0)
+    total = float(cost["waiting_s"].sum() + cost["bs_s"].sum() + cost["head_s"])
+    return RequestCost(total, mass, float(kept.sum()), float(dropped.sum()), tokens)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded inside: the study's tensors are tiny ([T, 8]), and on a busy
+    machine every multi-threaded op on them waits for a core (10× slower measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def price_requests(
+    samples: Sequence[RouterSample],
+    scenario: ScenarioConfig,
+    policy: Policy,
+    allocator: str,
+    seed: int,
+    interval_s: float = DEFAULT_INTERVAL_S,
+) -> list[RequestCost]:
+    """Request i (sample i) arrives at i·Δ on the seed's trace: every policy and allocator meets
+    the same channel per request (paired)."""
+    blocks = arrival_blocks(len(samples), interval_s, scenario.channel.coherence_s)
+    trace = generate_trace(scenario, max(blocks, default=0) + 1, seed)
+    rng = np.random.default_rng(seed + 1)
+    with one_thread():
+        return [
+            price_request(sample, scenario, policy, allocator, trace, block, rng)
+            for sample, block in zip(samples, blocks, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One (policy, allocator) of the study: per-request prefill latency (s), router mass kept,
+    drop rate, and the ×speed-up against topk with the same allocator and with equal bandwidth."""
+
+    policy: str
+    theta: float
+    allocator: str
+    requests: int
+    mean_s: float
+    p50_s: float
+    p95_s: float
+    retained_mass: float
+    drop_rate: float
+    experts_per_token: float
+    speedup: float = 1.0
+    speedup_vs_equal: float = 1.0
+
+
+def summarise(
+    policy: str, theta: float, allocator: str, costs: Sequence[RequestCost], layers: int
+) -> StudyRow:
+    total = np.array([c.total_s for c in costs])
+    kept, dropped = sum(c.kept for c in costs), sum(c.dropped for c in costs)
+    return StudyRow(
+        policy,
+        theta,
+        allocator,
+        len(costs),
+        float(total.mean()),
+        float(np.percentile(total, 50)),
+        float(np.percentile(total, 95)),
+        float(np.mean([c.retained_mass for c in costs])),
+        dropped / (kept + dropped) if kept + dropped else 0.0,
+        kept / max(sum(c.tokens for c in costs), 1) / layers,
+    )
+
+
+def run_study(
+    samples: Sequence[RouterSample],
+    scenario: ScenarioConfig,
+    thetas: Sequence[float] = DEFAULT_THETAS,
+    allocators: Sequence[str] = DEFAULT_ALLOCATORS,
+    seed: int = 0,
+    on_point: Callable[[str], None] | None = None,
+    interval_s: float = DEFAULT_INTERVAL_S,
+) -> list[StudyRow]:
+    """topk and WDMoE-θ (θ at the scenario's own k: no k-scaling) under each allocator."""
+    if not samples:
+        raise ConfigError("the latency study needs at least one prompt's router scores")
+    rows = []
+    for allocator in allocators:
+        for theta in (0.0, *thetas):
+            name = "topk" if theta == 0.0 else f"wdmoe θ={theta:g}"
+            policy = make_policy("topk") if theta == 0.0 else make_policy("wdmoe", theta=theta)
+            costs = price_requests(samples, scenario, policy, allocator, seed, interval_s)
+            rows.append(summarise(name, theta, allocator, costs, scenario.model.num_layers))
+            if on_point is not None:
+                on_point(f"{name} · {allocator}")
+    return with_speedups(rows)
+
+
+def with_speedups(rows: Sequence[StudyRow]) -> list[StudyRow]:
+    """Fill the speed-ups against topk under the same allocator and under equal bandwidth."""
+    base = {r.allocator: r.mean_s for r in rows if r.theta == 0.0}
+    equal = base.get("equal")
+    return [
+        replace(
+            r,
+            speedup=base[r.allocator] / r.mean_s if r.allocator in base else float("nan"),
+            speedup_vs_equal=equal / r.mean_s if equal is not None else float("nan"),
+        )
+        for r in rows
+    ]
+
+
+def render_study(
+    rows: Sequence[StudyRow], scenario: ScenarioConfig, source: str, interval_s: float = DEFAULT_INTERVAL_S
+) -> str:
+    """The study as Markdown: setting, then one table row per (policy, allocator)."""
+    m = scenario.model
+    lines = [
+        f"Router scores of `{source}` on {rows[0].requests} prompts (one prefill request each, arriving "
+        f"{interval_s:g} s apart: every policy meets the same channel per request), priced at {m.name} "
+        f"dimensions (D = {m.hidden_size}, F = {m.ffn_size}, {m.num_layers} layers, {m.num_experts} "
+        f"experts, top-{m.top_k}) on the `{scenario.name}` cell; θ at k = {m.top_k} (no k-scaling). "
+        "Latency per request in seconds; speed-up against topk with the same allocator and against "
+        "topk with equal bandwidth.",
+        "",
+        "| policy | allocator | mean s | p50 s | p95 s | speed-up | vs topk equal | latency −% "
+        "| retained mass | drop rate | experts/token |",
+        "|" + "---|" * 11,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.policy} | {r.allocator} | {r.mean_s:.3f} | {r.p50_s:.3f} | {r.p95_s:.3f} | "
+            f"{r.speedup:.2f}× | {r.speedup_vs_equal:.2f}× | {(1 - 1 / r.speedup) * 100:.1f} | "
+            f"{r.retained_mass:.3f} | {r.drop_rate:.3f} | {r.experts_per_token:.2f} |"
+        )
+    return "\n".join(lines)
