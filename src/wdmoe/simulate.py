@@ -6,11 +6,11 @@ Every forward of the model (a prefill, then one per decode step) is one *step*:
    becomes the policy's :class:`ExpertLatency` snapshot (equal bandwidth split);
 2. the model runs; every MoE block's policy selects on that snapshot and the recorder keeps what
    ran: tokens per expert and layer n [L, E];
-3. the step is priced layer by layer in simulated time (:meth:`Simulation.account`): layer l starts
-   when layer l−1 and its BS compute end; the allocator splits the band on the BS's estimate at
-   that time and the devices' loads n_l are priced on the *true* channel of that time (the fading
-   block the layer falls in), so a long prefill sees the channel evolve instead of one snapshot;
-   then the LM head. :func:`account_step` is the single-snapshot version (latency-only studies).
+3. :func:`account_step` prices n on the *true* channel of that time, with the allocator's split
+   per layer decided on the same estimate the policy saw, plus BS compute; simulated time advances
+   by the result. The channel is constant over one forward (block fading at the granularity of a
+   forward, as WDMoE assumes: the policy and the allocator can only act on what the BS knows when
+   the forward starts) and moves on between forwards.
 The same trace (seed) is replayed for every policy, so comparisons are paired.
 """
 
@@ -41,7 +41,7 @@ class SimSettings:
     unpadded tokens prefilled alone), so that a scorer's batching (e.g. the choices of
     multiple-choice items) does not change the latency per request. The rows of one forward are
     requests arriving at the same time: the policy decides on the estimate at the forward's start
-    and every row is priced layer by layer from that time; the clock then advances by the rows'
+    and every row is priced on the channel of that time; the clock then advances by the rows'
     summed latency.
     """
 
@@ -229,31 +229,13 @@ class Simulation:
         new_tokens: int,
         start_s: float | None = None,
     ) -> StepRecord:
-        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) layer by layer from
-        ``start_s`` (default: now): per layer the allocator splits the band on the estimate at the
-        layer's start, t_u = DL + compute + UL on the true channel then, T_l = max over busy
-        devices, then BS compute; the LM head last. Records the step; the clock advances by it."""
+        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) with :func:`account_step` on
+        the true channel at ``start_s`` (default: now), the allocator deciding on ``view`` — the
+        estimate the policy decided on. Records the step; the clock advances by it."""
         kept, dropped, mass = loads
         start = self.time_s if start_s is None else start_s
-        tokens = view.device_tokens(kept)  # [L, U]
-        bs_flops = self.scenario.cell.bs_flops_per_s
-        bs_s = bs_seconds(self.scenario.model, new_tokens, self.context_tokens, bs_flops)
-        parts = np.zeros((3, *tokens.shape))  # downlink, compute, uplink [L, U]
-        waiting = np.zeros(tokens.shape[0])
-        t = start
-        for layer, n in enumerate(tokens):
-            block = self.block(t)
-            if n.any():
-                demand = layer_demand(n, view.flops_per_s, view.cost)
-                bandwidth = self.allocator.allocate(demand, self.estimate(block)).bandwidth_hz
-                true = self.trace.state(block)
-                times = device_times(
-                    n, true.dl.rate_bps(bandwidth), true.ul.rate_bps(bandwidth), view.flops_per_s, view.cost
-                )
-                parts[:, layer] = times.downlink_s, times.compute_s, times.uplink_s
-                waiting[layer] = float(np.max(np.where(n > 0, times.total_s, 0.0)))
-            t += waiting[layer] + bs_s[layer]
         first = self.trace.state(self.block(start))
+        cost = account_step(kept, first, view, self.allocator, self.scenario, new_tokens, self.context_tokens)
         share = first.equal_share_hz()
         record = StepRecord(
             "prefill" if self.context_tokens == 0 else "decode",
@@ -262,16 +244,11 @@ class Simulation:
             kept,
             dropped,
             mass,
-            tokens,
+            view.device_tokens(kept),
             view.device_tokens(dropped),
             10 * np.log10(np.maximum(first.dl.snr(share), 1e-30)),
             10 * np.log10(np.maximum(first.ul.snr(share), 1e-30)),
-            downlink_s=parts[0],
-            compute_s=parts[1],
-            uplink_s=parts[2],
-            waiting_s=waiting,
-            bs_s=bs_s,
-            head_s=lm_head_flops(self.scenario.model) / bs_flops,
+            **cost,
         )
         self.records.append(record)
         self.time_s += record.total_s
