@@ -7,9 +7,9 @@ ARC-Easy and PIQA twice: scored by ``wdmoe.eval.harness.evaluate_task`` and by
 ``lm_eval.simple_evaluate`` (lm-eval's own HFLM on the same loaded model, the local
 ``wdmoe_arc_easy`` / ``wdmoe_piqa`` tasks). Prints acc and acc_norm of both and the difference
 in points; the two should agree within 1 point. From lm-eval's per-item log-likelihoods it also
-recomputes acc_norm with wdmoe's normalisation (per character of the continuation with its
-leading space; lm-eval divides by the characters of the choice alone), to separate a difference
-of definition from one of scoring.
+recomputes acc_norm with wdmoe's former normalisation (per character of the continuation with its
+leading space; lm-eval divides by the characters of the choice alone, as wdmoe now does too),
+which showed that an earlier 2.5-point acc_norm gap was one of definition, not of scoring.
 """
 
 import argparse
@@ -59,14 +59,14 @@ def lmeval_scores(net: Any, tok: Any, data_dir: Path, limit: int) -> dict[str, d
                 "acc": metrics["acc,none"],
                 "acc_norm": metrics["acc_norm,none"],
                 "n": len(samples),
-                "acc_norm_wdmoe_definition": acc_norm_with_space(samples),
+                "acc_norm_wdmoe_definition": acc_norm_with_space(samples),  # the former rule
                 "seconds": round(time.perf_counter() - t0, 1),
             }
     return out
 
 
 def acc_norm_with_space(samples: list[dict[str, Any]]) -> float:
-    """acc_norm from lm-eval's per-choice log-likelihoods, divided by len(" " + choice) as wdmoe does."""
+    """acc_norm from lm-eval's log-likelihoods divided by len(" " + choice): wdmoe's former rule."""
     hits = []
     for s in samples:
         lls = np.array([float(r[0]) for r in s["filtered_resps"]])
@@ -112,7 +112,7 @@ def main() -> None:
     print(table(ours, theirs))
     for t in TASKS:
         norm = theirs[t]["acc_norm_wdmoe_definition"]
-        print(f"{t}: lm-eval's log-likelihoods, acc_norm by wdmoe's definition: {norm:.3f}")
+        print(f"{t}: lm-eval's log-likelihoods, acc_norm by wdmoe's former definition: {norm:.3f}")
     wall_s = round(time.perf_counter() - t0, 1)
     agree = all(abs(v) <= 1.0 for d in diff.values() for v in d.values())
     print(f"agree within 1 point: {agree}  (wall {wall_s} s)")

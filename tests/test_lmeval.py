@@ -179,9 +179,9 @@ def test_simple_evaluate_gives_the_accuracy_of_wdmoe_harness(ckpt, manager, data
     out = lm_eval.simple_evaluate(model=lm, tasks=["wdmoe_arc_easy", "wdmoe_piqa"], task_manager=manager)
     for name in ("arc_easy", "piqa"):
         ours = evaluate_task(name, lm.wm.model, lm.tokenizer, data_dir=data)
-        # acc only: wdmoe's acc_norm divides by len(" " + choice), lm-eval's by len(choice)
-        # (see benchmarks/lmeval_crosscheck.py)
         assert out["results"][f"wdmoe_{name}"]["acc,none"] == pytest.approx(ours.metrics["acc"])
+        # acc_norm: both divide by the choice's characters without the leading space
+        assert out["results"][f"wdmoe_{name}"]["acc_norm,none"] == pytest.approx(ours.metrics["acc_norm"])
         assert out["n-samples"][f"wdmoe_{name}"]["effective"] == ours.n == 8
 
 
