@@ -28,6 +28,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("wdmoe θ=0.1", "wdmoe", {"theta": 0.1, "k_scaled": True}, "minmax"),
     ("wdmoe θ=0.2", "wdmoe", {"theta": 0.2, "k_scaled": True}, "minmax"),
     ("joint θ=0.1", "joint", {"theta": 0.1, "k_scaled": True}, "minmax"),
+    ("joint θ=0.2", "joint", {"theta": 0.2, "k_scaled": True}, "minmax"),
     ("budget τ=100ms", "budget", {"tau_s": 0.1}, "minmax"),
     ("budget τ=300ms", "budget", {"tau_s": 0.3}, "minmax"),
 ]

@@ -144,12 +144,15 @@ def account_step(
     BS's estimate (``view``), then t_u = DL + compute + UL at those B_u on ``true``; T_l = max over
     devices with work; BS compute per layer and the LM head from the scenario's model and C_BS."""
     device_tokens = view.device_tokens(expert_tokens)  # [L, U]
-    bandwidth = np.stack(
+    # one allocation per distinct load: the layers of a decode step share a few patterns
+    loads, layer_of = np.unique(device_tokens, axis=0, return_inverse=True)
+    split = np.stack(
         [
             allocator.allocate(layer_demand(n, view.flops_per_s, view.cost), view.channel).bandwidth_hz
-            for n in device_tokens
+            for n in loads
         ]
     )
+    bandwidth = split[np.asarray(layer_of).reshape(-1)]
     times = device_times(
         device_tokens, true.dl.rate_bps(bandwidth), true.ul.rate_bps(bandwidth), view.flops_per_s, view.cost
     )

@@ -104,8 +104,14 @@ class ExpertLatency:
         return self.device_time_s(self.device_tokens(expert_tokens))[..., self.placement]
 
     def per_token_s(self) -> FloatArray:
-        """t_e [E]: the time of expert e's device serving one token alone (the WLR denominator)."""
-        return self.device_time_s(np.ones(self.channel.num_devices))[self.placement]
+        """t_e [E]: the time of expert e's device serving one token alone (the WLR denominator).
+        Computed once per snapshot (every MoE layer of a forward asks for it)."""
+        cached = self.__dict__.get("_per_token_s")
+        if cached is None:
+            cached = self.device_time_s(np.ones(self.channel.num_devices))[self.placement]
+            cached.setflags(write=False)
+            object.__setattr__(self, "_per_token_s", cached)
+        return np.asarray(cached)
 
     def layer_time_s(self, expert_tokens: Any) -> FloatArray:
         """T_l [...] = the slowest device with work, for expert loads n_e [..., E]."""
