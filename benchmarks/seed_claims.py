@@ -92,7 +92,7 @@ def main() -> None:
                 f"{label:<16} {task:<9} {v['n']:>5} {v['acc']:>6.3f} {v.get('acc_change_points', 0):>+8.1f} "
                 f"{v['mean_s']:>8.3f} {v.get('speedup', 1):>7.2f} {v['experts_per_token']:>7.2f}"
             )
-    summary = args.out.with_suffix(".summary.json")
+    summary = args.out.with_suffix(f".{args.limit or 'all'}.summary.json")
     summary.write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=2))
     print(f"\nrecords: {args.out}\nsummary: {summary}")
 
