@@ -33,6 +33,11 @@ from wdmoe.simulate import SimSettings, Simulation
 DEFAULT_MODEL_PRESET = "model=smollm2-moe8"
 
 
+def scenario_overrides(model: str, overrides: Sequence[str]) -> list[str]:
+    """The default model needs the smollm2-moe8 dimensions; the user's overrides come after."""
+    return ([DEFAULT_MODEL_PRESET] if model == "default" else []) + list(overrides)
+
+
 @dataclass(frozen=True)
 class EvalPoint:
     """Everything that decides a result, apart from the task. ``params``: the policy's keyword
@@ -54,8 +59,7 @@ class EvalPoint:
     csi_error_std_db: float = 0.0
 
     def scenario_overrides(self) -> list[str]:
-        """The default model needs the smollm2-moe8 dimensions; the user's overrides come after."""
-        return ([DEFAULT_MODEL_PRESET] if self.model == "default" else []) + list(self.overrides)
+        return scenario_overrides(self.model, self.overrides)
 
     def load_scenario(self) -> ScenarioConfig:
         return load_scenario(self.scenario, self.scenario_overrides())

@@ -35,7 +35,7 @@ from wdmoe.allocation import make_allocator
 from wdmoe.config import ScenarioConfig, load_scenario
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import latency_summary
-from wdmoe.eval.runner import new_request_hook
+from wdmoe.eval.runner import new_request_hook, scenario_overrides
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import DEFAULT, load_checkpoint
 from wdmoe.policies import POLICIES, make_policy
@@ -62,8 +62,7 @@ class ModelArgs:
     seed: int = 0
 
     def scenario_overrides(self) -> list[str]:
-        """The default model is described by the ``smollm2-moe8`` preset; other models by ``overrides``."""
-        return (["model=smollm2-moe8"] if self.model == DEFAULT else []) + list(self.overrides)
+        return scenario_overrides(self.model, self.overrides)
 
 
 def as_text(name: str, value: Any) -> str:
