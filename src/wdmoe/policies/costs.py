@@ -111,7 +111,7 @@ class ExpertLatency:
             cached = self.device_time_s(np.ones(self.channel.num_devices))[self.placement]
             cached.setflags(write=False)
             object.__setattr__(self, "_per_token_s", cached)
-        return np.asarray(cached)
+        return cached.copy()  # callers may hand it to torch, which wants a writable array
 
     def layer_time_s(self, expert_tokens: Any) -> FloatArray:
         """T_l [...] = the slowest device with work, for expert loads n_e [..., E]."""
