@@ -144,3 +144,15 @@ def test_policy_parameters_reach_the_policy_and_the_record(ckpt, tmp_path):
     assert bad.exit_code == 2 and "'k_scaled' is not NAME=VALUE" in bad.stderr
     unknown = run_eval(ckpt, tmp_path / "r.jsonl", "--param", "colour=red", tasks="arc_easy")
     assert unknown.exit_code == 2 and "colour" in unknown.stderr
+
+
+@needs_data
+def test_stale_and_noisy_csi_reach_the_record_and_bad_values_are_named(ckpt, tmp_path):
+    out = tmp_path / "c.jsonl"
+    res = run_eval(ckpt, out, "--csi-delay-blocks", 3, "--csi-error-db", 2.5, tasks="arc_easy")
+    assert res.exit_code == 0, res.output
+    (record,) = read_records(out)
+    assert record["config"]["csi"] == {"delay_blocks": 3, "error_std_db": 2.5}
+    bad = run_eval(ckpt, tmp_path / "d.jsonl", "--csi-error-db", -1, tasks="arc_easy")
+    assert bad.exit_code == 2 and "csi_error_std_db" in bad.stderr and "-1" in bad.stderr
+    assert not (tmp_path / "d.jsonl").exists()

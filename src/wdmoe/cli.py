@@ -327,6 +327,12 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="Results file (JSON Lines, resumable).")] = Path(
         "results/eval.jsonl"
     ),
+    csi_delay_blocks: Annotated[
+        int, typer.Option(help="Stale CSI: the BS sees the channel this many fading blocks late.")
+    ] = 0,
+    csi_error_db: Annotated[
+        float, typer.Option(help="Noisy CSI: log-normal estimation error σ in dB.")
+    ] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward (scoring only).")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="Generation cap for GSM8K-type tasks.")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON lines.")] = False,
@@ -356,6 +362,8 @@ def eval_cmd(
         data_dir=data_dir,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        csi_delay_blocks=csi_delay_blocks,
+        csi_error_std_db=csi_error_db,
     )
     try:
         names = parse_tasks(tasks)

@@ -194,6 +194,7 @@ class Evaluator:
         folder = point.folder()
         items = {name: get_task(name).load(folder, point.limit) for name in names}
         EvalSettings(batch_size=point.batch_size, max_new_tokens=point.max_new_tokens)  # validates
+        point.sim_settings(split_rows=True)  # validates the CSI settings
         done = completed_keys(out)
         records: dict[str, dict[str, Any]] = {}
         wm: WirelessModel | None = None
