@@ -1,0 +1,193 @@
+"""The wire format between the BS and the devices: versioned frames, tensors as raw bytes.
+
+Pure: bytes in, values out; no sockets, no pickle. All integers and floats are little-endian.
+
+    frame    = prefix body
+    prefix   = magic "WDMO" (4 B) | version u16 | kind u8 | flags u8 (= 0)          8 B
+    request  = layer u32 | expert u32 | request_id u64 | deadline_s f64 | tensor     (kind 1)
+    response = request_id u64 | compute_s f64 | tensor                              (kind 2)
+    tensor   = dtype code u8 | ndim u8 | ndim × dim u64 | payload
+
+The payload is the rest of the frame and must be exactly prod(shape) × itemsize bytes. Decoding
+checks every field and raises :class:`WireError` (never anything else) on a bad frame.
+"""
+
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from wdmoe.errors import WdmoeError
+
+MAGIC = b"WDMO"
+WIRE_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 2**20  # default size limit of one frame (hidden [T, D] fp32 with T·D ≤ 16 Mi)
+MAX_NDIM = 8
+MAX_DIM = 2**32  # per dimension; keeps empty tensors of absurd shape out of torch
+
+KIND_REQUEST = 1
+KIND_RESPONSE = 2
+
+_PREFIX = struct.Struct("<4sHBB")
+_REQUEST = struct.Struct("<IIQd")
+_RESPONSE = struct.Struct("<Qd")
+_TENSOR = struct.Struct("<BB")
+_DIM = struct.Struct("<Q")
+
+# Wire codes of the dtypes that may travel; codes are part of the format, never reuse one.
+DTYPES: dict[int, torch.dtype] = {
+    1: torch.float32,
+    2: torch.float16,
+    3: torch.bfloat16,
+    4: torch.float64,
+    5: torch.int32,
+    6: torch.int64,
+    7: torch.int8,
+    8: torch.uint8,
+}
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+class WireError(WdmoeError, ValueError):
+    """A frame is malformed, too large, of another version, or a value cannot be encoded."""
+
+
+@dataclass(frozen=True)
+class ExpertRequest:
+    """Run expert ``expert`` of MoE layer ``layer`` on hidden [n, D].
+
+    deadline_s: the time budget in seconds the BS grants from sending (relative, so that the BS
+    and device clocks need not agree).
+    """
+
+    layer: int
+    expert: int
+    hidden: torch.Tensor
+    request_id: int = 0
+    deadline_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExpertResponse:
+    """The expert's outputs [n, D] and the device's measured compute time in seconds."""
+
+    request_id: int
+    outputs: torch.Tensor
+    compute_s: float
+
+
+Message = ExpertRequest | ExpertResponse
+
+
+def encoded_size(shape: tuple[int, ...], dtype: torch.dtype, kind: int = KIND_REQUEST) -> int:
+    """Bytes of a frame carrying a tensor of ``shape`` and ``dtype`` (what the link transports)."""
+    body = _REQUEST.size if kind == KIND_REQUEST else _RESPONSE.size
+    return _PREFIX.size + body + _TENSOR.size + _DIM.size * len(shape) + math.prod(shape) * dtype.itemsize
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a request or response; raises WireError for values the format cannot carry."""
+    if isinstance(msg, ExpertRequest):
+        check_uint(msg.layer, 32, "layer")
+        check_uint(msg.expert, 32, "expert")
+        check_uint(msg.request_id, 64, "request_id")
+        check_seconds(msg.deadline_s, "deadline_s")
+        head = _PREFIX.pack(MAGIC, WIRE_VERSION, KIND_REQUEST, 0)
+        body = _REQUEST.pack(msg.layer, msg.expert, msg.request_id, msg.deadline_s)
+        return head + body + encode_tensor(msg.hidden)
+    check_uint(msg.request_id, 64, "request_id")
+    check_seconds(msg.compute_s, "compute_s")
+    head = _PREFIX.pack(MAGIC, WIRE_VERSION, KIND_RESPONSE, 0)
+    return head + _RESPONSE.pack(msg.request_id, msg.compute_s) + encode_tensor(msg.outputs)
+
+
+def encode_tensor(t: torch.Tensor) -> bytes:
+    """dtype code, ndim, dims, then the tensor's bytes in C order."""
+    if t.dtype not in _CODES:
+        raise WireError(f"dtype {t.dtype} cannot travel; supported: {sorted(map(str, _CODES))}")
+    if t.dim() > MAX_NDIM:
+        raise WireError(f"tensor has {t.dim()} dims, at most {MAX_NDIM} can travel")
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    head = _TENSOR.pack(_CODES[t.dtype], t.dim()) + b"".join(_DIM.pack(d) for d in t.shape)
+    return head + flat.view(torch.uint8).numpy().tobytes()
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse one frame; every malformed, oversized or wrong-version frame raises WireError."""
+    if len(data) > max_bytes:
+        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(data) < _PREFIX.size:
+        raise WireError(f"message of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, kind, flags = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError(f"not a wdmoe message: magic {magic!r}, expected {MAGIC!r}")
+    if version != WIRE_VERSION:
+        raise WireError(f"wire version {version} is not supported: this build speaks version {WIRE_VERSION}")
+    if flags != 0:
+        raise WireError(f"unknown flags {flags:#x} (version {WIRE_VERSION} defines none)")
+    if kind == KIND_REQUEST:
+        layer, expert, request_id, deadline_s = unpack(_REQUEST, data, _PREFIX.size, "request header")
+        check_seconds(deadline_s, "deadline_s")
+        hidden = decode_tensor(data, _PREFIX.size + _REQUEST.size)
+        return ExpertRequest(layer, expert, hidden, request_id, deadline_s)
+    if kind == KIND_RESPONSE:
+        request_id, compute_s = unpack(_RESPONSE, data, _PREFIX.size, "response header")
+        check_seconds(compute_s, "compute_s")
+        return ExpertResponse(request_id, decode_tensor(data, _PREFIX.size + _RESPONSE.size), compute_s)
+    raise WireError(
+        f"unknown message kind {kind}; known: {KIND_REQUEST} (request), {KIND_RESPONSE} (response)"
+    )
+
+
+def decode_request(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ExpertRequest:
+    msg = decode(data, max_bytes)
+    if not isinstance(msg, ExpertRequest):
+        raise WireError(f"expected an expert request, got {type(msg).__name__}")
+    return msg
+
+
+def decode_response(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ExpertResponse:
+    msg = decode(data, max_bytes)
+    if not isinstance(msg, ExpertResponse):
+        raise WireError(f"expected an expert response, got {type(msg).__name__}")
+    return msg
+
+
+def decode_tensor(data: bytes, offset: int) -> torch.Tensor:
+    """The tensor that starts at ``offset`` and fills the rest of ``data``."""
+    code, ndim = unpack(_TENSOR, data, offset, "tensor header")
+    if code not in DTYPES:
+        raise WireError(f"unknown dtype code {code}; known: {sorted(DTYPES)}")
+    if ndim > MAX_NDIM:
+        raise WireError(f"tensor has {ndim} dims, at most {MAX_NDIM} are allowed")
+    offset += _TENSOR.size
+    shape = tuple(unpack(_DIM, data, offset + i * _DIM.size, "tensor shape")[0] for i in range(ndim))
+    offset += ndim * _DIM.size
+    if any(d > MAX_DIM for d in shape):
+        raise WireError(f"tensor shape {list(shape)} has a dimension above {MAX_DIM}")
+    dtype = DTYPES[code]
+    payload = len(data) - offset
+    expected = math.prod(shape) * dtype.itemsize  # exact: Python ints do not overflow
+    if expected != payload:
+        raise WireError(f"tensor {dtype} {list(shape)} needs {expected} bytes, the message carries {payload}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data[offset:]), dtype=dtype).reshape(shape)
+
+
+def unpack(fmt: struct.Struct, data: bytes, offset: int, what: str) -> tuple:
+    if len(data) < offset + fmt.size:
+        raise WireError(f"message truncated in the {what}: {len(data)} bytes, need {offset + fmt.size}")
+    return fmt.unpack_from(data, offset)
+
+
+def check_uint(value: int, bits: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**bits:
+        raise WireError(f"{name} must be an integer in [0, 2^{bits}), got {value!r}")
+
+
+def check_seconds(value: float, name: str) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0:
+        raise WireError(f"{name} must be a finite number of seconds ≥ 0, got {value!r}")
