@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from wdmoe.cli_cell import cell_app
+from wdmoe.cli_cluster import cluster_cmd
 from wdmoe.cli_report import report_cmd, reproduce_cmd
 from wdmoe.cli_sweep import sweep_cmd
 from wdmoe.errors import WdmoeError
@@ -24,6 +25,7 @@ app.add_typer(cell_app, name="cell")
 app.command("report")(report_cmd)
 app.command("reproduce")(reproduce_cmd)
 app.command("sweep")(sweep_cmd)
+app.command("cluster")(cluster_cmd)
 err = Console(stderr=True, soft_wrap=True)
 
 
