@@ -5,15 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tiny import save_tiny_checkpoint
 from wdmoe.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"))
 
 
 def run(*args):

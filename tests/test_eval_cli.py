@@ -6,7 +6,6 @@ import pytest
 from typer.testing import CliRunner
 
 from test_simulate import TINY
-from tiny import save_tiny_checkpoint
 from wdmoe.cli import app
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import append_record, completed_keys, read_records
@@ -17,11 +16,6 @@ runner = CliRunner()
 needs_data = pytest.mark.skipif(
     not (DATA / "arc_easy.jsonl").is_file(), reason=f"benchmark data folder {DATA} is missing"
 )
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"))
 
 
 def run_eval(ckpt, out, *extra, tasks="arc_easy,piqa", data_dir=DATA, policy=("wdmoe", "--theta", 0.3)):

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import lm_eval
 import pytest
-import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from test_simulate import TINY
-from tiny import WORDS, save_tiny_checkpoint
+from tiny import WORDS
 from wdmoe.errors import ConfigError, UnknownNameError
 from wdmoe.eval.harness import evaluate_task
 from wdmoe.eval.tasks import get_task
@@ -53,18 +52,7 @@ def write_tiny_data(folder: Path, n: int = 8) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny forwards: a second intra-op thread only adds waiting (40 s instead of 2 on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ import sys
 import time
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from test_simulate import TINY
-from tiny import save_tiny_checkpoint
 from wdmoe.cli import app
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import read_records
@@ -28,19 +26,7 @@ needs_data = pytest.mark.skipif(
 FAILING = {"name": "topk", "top_k": [9]}  # the tiny model has 8 experts: fails only when it runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread, as each of 2 workers on 2 cores has: the records then compare exactly (2 threads
-    sum in another order), and 2 threads on 2 busy cores make a tiny model many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_grid(ckpt, *extra_policies, **changes):
