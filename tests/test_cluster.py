@@ -1,4 +1,6 @@
-"""``Cluster`` and ``wdmoe cluster``: N device worker processes on loopback, always torn down."""
+"""``Cluster`` and ``wdmoe cluster``: a BS and N device worker processes on loopback, always torn down."""
+
+import json
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ from tiny import save_tiny_checkpoint
 from wdmoe.cli import app
 from wdmoe.errors import ConfigError
 from wdmoe.models.loading import load_checkpoint
+from wdmoe.runtime import api
+from wdmoe.runtime.bs import RuntimeSettings
 from wdmoe.runtime.cluster import Cluster, ClusterError, DeviceProcess, alive, free_port, round_robin
 
 
@@ -16,41 +20,47 @@ def folder(tmp_path_factory):
     return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("tiny") / "mixtral")
 
 
-def test_round_robin_places_expert_e_on_device_e_mod_n():
+def test_round_robin_places_expert_e_on_device_e_mod_n_and_replicas_on_the_next():
     keys = [(layer, e) for layer in range(2) for e in range(8)]
     placed = round_robin(keys, 3)
     assert sorted(k for ks in placed for k in ks) == keys
     assert all(e % 3 == u for u, ks in enumerate(placed) for (_, e) in ks)
+    twice = round_robin(keys, 3, replicas=2)
+    assert all(sum(k in ks for ks in twice) == 2 for k in keys)
+    assert all((u - e) % 3 in (0, 1) for u, ks in enumerate(twice) for (_, e) in ks)
 
 
-def test_cluster_matches_in_process_survives_a_killed_device_and_uses_it_again(folder):
-    ref_model, _ = load_checkpoint(str(folder))
-    ids = torch.randint(4, 60, (1, 6), generator=torch.Generator().manual_seed(0))
-    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+def test_default_model_over_8_device_processes_matches_in_process_and_survives_a_kill():
+    """The default model with 8 device worker processes: logits as in process; a device killed
+    mid-generation → the answer completes, the drops are recorded; restarted → used again."""
+    ref, _ = load_checkpoint("default")
+    ids = torch.randint(100, 5000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref_logits = ref_model(ids).logits
-        ref_tokens = ref_model.generate(ids, **greedy)
-    with Cluster(str(folder), devices=2, timeout_s=5) as cluster:
+        want = ref(ids).logits
+    del ref
+    with Cluster("default", devices=8, settings=RuntimeSettings(heartbeat_s=0.3)) as cluster:
         pids = cluster.pids()
-        assert len(pids) == 2 and all(alive(p) for p in pids)
-        model = cluster.wm.model
+        assert len(pids) == 8 and all(alive(p) for p in pids)
         with torch.no_grad():
-            assert (model(ids).logits - ref_logits).abs().max() <= 1e-4
-            assert torch.equal(model.generate(ids, **greedy), ref_tokens)
-            assert cluster.dispatcher.failures == []
-            cluster.kill_device(1)
-            logits = model(ids).logits  # the next forward completes without device 1
-        assert torch.isfinite(logits).all() and (logits - ref_logits).abs().max() > 1e-4
-        failed = {(f.layer, f.expert) for f in cluster.dispatcher.failures}
-        assert failed and failed <= set(cluster.devices[1].hosted)
-        rows = cluster.summary()
-        assert [r.experts for r in rows] == [8, 8] and rows[1].failures == len(cluster.dispatcher.failures)
-        assert rows[0].failures == 0 and rows[0].calls > 0 and rows[0].mean_compute_ms > 0
-        cluster.restart_device(1)
-        before = len(cluster.dispatcher.failures)
+            got = cluster.wm.model(ids).logits
+        assert (got - want).abs().max().item() <= 1e-4
+        assert all(r["calls"] > 0 and not r["failures"] for r in cluster.stats()["devices"])
+        pieces: list[str] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                cluster.kill_device(3)
+
+        m = cluster.client.generate(api.GenerateRequest("What is a router?", max_new_tokens=16), on_text)
+        assert m["new_tokens"] == 16 and m["dropped"] > 0
+        row = cluster.stats()["devices"][3]
+        assert not row["usable"] and sum(row["failures"].values()) >= 1
+        cluster.restart_device(3)
+        answered = cluster.stats()["devices"][3]["answered"]
         with torch.no_grad():
-            assert (model(ids).logits - ref_logits).abs().max() <= 1e-4  # device 1 is used again
-        assert len(cluster.dispatcher.failures) == before
+            assert (cluster.wm.model(ids).logits - want).abs().max().item() <= 1e-4  # device 3 is back
+        assert cluster.stats()["devices"][3]["answered"] > answered
         pids = cluster.pids()
     assert not any(alive(p) for p in pids)
 
@@ -72,12 +82,15 @@ def test_device_count_out_of_range_is_a_clear_error(folder):
         pass
 
 
-def test_cli_cluster_smoke_and_range_errors(folder):
+def test_cli_cluster_smoke_and_range_errors(folder, tmp_path):
     runner = CliRunner()
     args = ["cluster", "--model", str(folder), "--prompt", "what is a router", "--max-new-tokens", "4"]
-    result = runner.invoke(app, [*args, "--devices", "2"])
+    log = tmp_path / "m.jsonl"
+    result = runner.invoke(app, [*args, "--devices", "2", "--metrics-log", str(log)])
     assert result.exit_code == 0, result.output
-    assert "mean compute ms" in result.output and "127.0.0.1:" in result.output
+    assert "BS summary" in result.output and "127.0.0.1:" in result.output and "4 tokens" in result.output
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events.count("device_up") == 2 and "request" in events and events[-1] == "summary"
     for n, says in ((0, "≥ 1"), (9, "1..8")):
         bad = runner.invoke(app, [*args, "--devices", str(n)])
         assert bad.exit_code == 2 and says in bad.output
@@ -85,12 +98,15 @@ def test_cli_cluster_smoke_and_range_errors(folder):
 
 def test_a_worker_that_cannot_start_is_named_with_its_stderr(tmp_path):
     cluster = Cluster("unused", devices=1)
+    cluster.bs_address = "127.0.0.1:1"
     d = DeviceProcess(0, [tmp_path / "missing.safetensors"], [], free_port(), tmp_path / "device0.log")
+    cluster.devices = [d]
     cluster.launch(d)
     try:
+        assert d.process is not None
+        d.process.wait(timeout=60)
         with pytest.raises(ClusterError, match=r"device 0 \(127\.0\.0\.1:\d+\) exited(.|\n)*does not exist"):
-            cluster.wait_ready(d)
+            cluster.check_alive()
     finally:
-        cluster.devices = [d]
         cluster.close()
     assert d.process is not None and not alive(d.process.pid)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from wdmoe.cli_cell import cell_app
-from wdmoe.cli_cluster import cluster_cmd
+from wdmoe.cli_cluster import cluster_cmd, device_cmd, serve_bs_cmd
 from wdmoe.cli_report import report_cmd, reproduce_cmd
 from wdmoe.cli_sweep import sweep_cmd
 from wdmoe.errors import WdmoeError
@@ -26,6 +26,12 @@ app.command("report")(report_cmd)
 app.command("reproduce")(reproduce_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("cluster")(cluster_cmd)
+app.command("serve-bs")(serve_bs_cmd)
+app.command(
+    "device",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)(device_cmd)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -145,8 +151,14 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     chat: Annotated[bool, typer.Option(help="Use the model's chat template.")] = True,
     system: Annotated[str | None, typer.Option(help="System message for chat models.")] = None,
+    bs: Annotated[
+        str | None, typer.Option(help="HOST:PORT of a running `wdmoe serve-bs`: generate there instead.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="The BS's token with --bs (default: $WDMOE_TOKEN).")
+    ] = None,
 ) -> None:
-    """Generate text with wdmoe installed, streaming tokens to the terminal."""
+    """Generate text with wdmoe installed, streaming tokens to the terminal (here, or at a BS)."""
     from wdmoe.generate import generate as run_generate
     from wdmoe.models.install import install
     from wdmoe.models.loading import load_checkpoint
@@ -155,6 +167,8 @@ def generate(
     quiet_transformers()
     if prompt == "-":
         prompt = sys.stdin.read()
+    if bs is not None:
+        return generate_at_bs(bs, token, prompt, max_new_tokens, temperature, top_p, seed, chat, system)
     try:
         chosen = make_policy(policy)
         if max_new_tokens < 1:
@@ -191,6 +205,37 @@ def generate(
         f"[dim]prompt {result.prompt_tokens} tok · prefill {result.prefill_s:.2f} s · "
         f"{result.new_tokens} new tok at {result.decode_tokens_per_s:.1f} tok/s · "
         f"{result.experts_per_token:.2f} experts/token/layer[/]"
+    )
+
+
+def generate_at_bs(
+    address: str,
+    token: str | None,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    chat: bool,
+    system: str | None,
+) -> None:
+    """`wdmoe generate --bs`: the BS's generate API, the answer streamed as it comes."""
+    from wdmoe.cli_cluster import resolve_token
+    from wdmoe.runtime import api
+    from wdmoe.runtime.client import BSClient
+
+    try:
+        req = api.GenerateRequest(prompt, max_new_tokens, temperature, top_p, seed, chat, system)
+        api.parse_generate(api.encode_generate(req))  # the BS's own checks, before connecting
+        with BSClient(address, resolve_token(token)) as client:
+            m = client.generate(req, stream_to_stdout)
+    except WdmoeError as e:
+        raise fail(e) from e
+    sys.stdout.write("\n")
+    err.print(
+        f"[dim]BS {address} · prompt {m['prompt_tokens']} tok · TTFT {1e3 * (m['ttft_s'] or 0):.0f} ms · "
+        f"{m['new_tokens']} new tok · {m['expert_calls']} expert calls, {m['dropped']} dropped, "
+        f"{m['fallbacks']} at the BS[/]"
     )
 
 

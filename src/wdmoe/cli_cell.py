@@ -26,9 +26,10 @@ cell_app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 
 
-def table_console() -> Console:
+def table_console(stderr: bool = False) -> Console:
     """The terminal's width on a terminal; wide enough for whole tables when piped to a file."""
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=160)
 
 
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Channel seed (default: the scenario's).")]

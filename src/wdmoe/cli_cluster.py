@@ -1,17 +1,27 @@
-"""``wdmoe cluster --devices N``: a prompt generated through N local device workers (thin; the
-launcher lives in wdmoe.runtime.cluster)."""
+"""The runtime's commands: ``wdmoe serve-bs``, ``wdmoe device``, ``wdmoe cluster`` (thin; the
+runtime lives in wdmoe.runtime)."""
 
+import os
+import signal
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from wdmoe.cli_cell import table_console
-from wdmoe.errors import WdmoeError
+from wdmoe.errors import ConfigError, WdmoeError
 
 err = Console(stderr=True, soft_wrap=True)
+
+TokenOpt = Annotated[
+    str | None, typer.Option(help="Shared token devices and users must send (default: $WDMOE_TOKEN).")
+]
+TlsCert = Annotated[str | None, typer.Option(help="PEM certificate (enables TLS).")]
+TlsKey = Annotated[str | None, typer.Option(help="PEM private key of the certificate.")]
+TlsCa = Annotated[str | None, typer.Option(help="PEM CA: require and verify the peers' certificates (mTLS).")]
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -24,33 +34,225 @@ def _stream(text: str) -> None:
     sys.stdout.flush()
 
 
+def resolve_token(token: str | None) -> str:
+    value = token or os.environ.get("WDMOE_TOKEN", "")
+    if not value:
+        raise ConfigError("no token: give --token or set $WDMOE_TOKEN (devices and users must send the same)")
+    return value
+
+
+def settings_from(
+    policy: str,
+    param: list[str],
+    allocator: str,
+    mode: str,
+    slack: float,
+    grace_ms: float,
+    max_wait_s: float,
+    emulate_links: bool,
+    time_scale: float,
+    wire_dtype: str,
+    heartbeat_s: float,
+    seed: int | None,
+) -> Any:
+    from wdmoe.eval.runner import parse_params
+    from wdmoe.policies import make_policy
+    from wdmoe.runtime.bs import RuntimeSettings
+
+    params = parse_params(param)
+    make_policy(policy, **params)  # an unknown policy or parameter fails here, before loading
+    return RuntimeSettings(
+        policy=policy,
+        params=params,
+        allocator=allocator,
+        mode=mode,
+        slack=slack,
+        grace_s=grace_ms / 1e3,
+        max_wait_s=max_wait_s,
+        emulate_links=emulate_links,
+        time_scale=time_scale,
+        wire_dtype=wire_dtype,
+        heartbeat_s=heartbeat_s,
+        seed=seed,
+    )
+
+
+def serve_bs_cmd(
+    model: Annotated[str, typer.Option(help="'default' or a local checkpoint folder.")] = "default",
+    host: Annotated[str, typer.Option(help="Address to listen on (default: loopback only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 50050,
+    token: TokenOpt = None,
+    scenario: Annotated[str, typer.Option(help="Cell preset (configs/scenarios).")] = "lab",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Scenario override, e.g. cell.bandwidth_hz=1e7.")
+    ] = None,
+    policy: Annotated[str, typer.Option(help="Expert selection policy.")] = "topk",
+    param: Annotated[list[str] | None, typer.Option(help="Policy parameter NAME=VALUE (repeatable).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Router candidates per token.")] = None,
+    allocator: Annotated[str, typer.Option(help="Bandwidth allocator per layer.")] = "equal",
+    mode: Annotated[
+        str, typer.Option(help="A late or failed expert: wait, drop or fallback (run at the BS).")
+    ] = "drop",
+    slack: Annotated[float, typer.Option(help="Deadline = time_scale·slack·predicted + grace.")] = 3.0,
+    grace_ms: Annotated[float, typer.Option(help="Deadline allowance for RPC and OS overhead (ms).")] = 250.0,
+    max_wait_s: Annotated[
+        float, typer.Option(help="The longest any device call may take (wait mode).")
+    ] = 30.0,
+    emulate_links: Annotated[bool, typer.Option(help="Wait out the channel's DL/UL delays.")] = False,
+    time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second.")] = 1.0,
+    wire_dtype: Annotated[
+        str, typer.Option(help="How hidden states travel: float32 (exact), bfloat16, float16.")
+    ] = "float32",
+    heartbeat_s: Annotated[float, typer.Option(help="Device heartbeat period; 3 missed = gone.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Channel trace seed (default: the scenario's).")] = None,
+    metrics_log: Annotated[
+        Path | None, typer.Option(help="Append JSON lines: devices up/down, requests, summary.")
+    ] = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+) -> None:
+    """Run the BS: the model's BS part, the cell, and a generate API for users; devices register here."""
+    from wdmoe.cli import quiet_transformers
+    from wdmoe.runtime.bs import build_bs, serve_bs
+    from wdmoe.runtime.security import TLSFiles
+
+    quiet_transformers()
+    try:
+        secret = resolve_token(token)
+        tls = TLSFiles.from_options(tls_cert, tls_key, tls_ca)
+        settings = settings_from(
+            policy,
+            param or [],
+            allocator,
+            mode,
+            slack,
+            grace_ms,
+            max_wait_s,
+            emulate_links,
+            time_scale,
+            wire_dtype,
+            heartbeat_s,
+            seed,
+        )
+        bs = build_bs(
+            model, scenario, set_ or [], settings, token=secret, top_k=top_k, tls=tls, metrics_log=metrics_log
+        )
+        server = serve_bs(bs, secret, host, port)
+    except (WdmoeError, OSError) as e:
+        raise _fail(e) from e
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    err.print(
+        f"BS listening on {server.address} · {model} · {len(bs.wm.blocks)} MoE layers × {bs.wm.num_experts} "
+        f"experts · cell {scenario} with {bs.num_slots} device slots · policy {policy} · mode {mode}"
+        + (" · links emulated" if emulate_links else "")
+    )
+    try:
+        server.server.wait_for_termination()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        summary = bs.summary()
+        server.stop()
+        print_summary(summary)
+
+
+def device_cmd(ctx: typer.Context) -> None:
+    """Run a device worker (flags: --bs HOST:PORT --slot U --shards F… [--port --host --advertise
+    --token --tls-cert --tls-key --tls-ca --inject-delay-ms]; `wdmoe device --help` lists them)."""
+    from wdmoe.runtime.device import main
+
+    main(ctx.args)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The per-device table of a BS summary (on stderr, so stdout keeps only answers)."""
+    table = Table(title=f"BS summary · {summary['requests']} requests")
+    cols = ("slot", "address", "usable", "calls", "failures", "fallbacks", "KB down", "KB up", "compute ms")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("address", "failures") else "right")
+    for d in summary["devices"]:
+        fails = ", ".join(f"{k} {v}" for k, v in d["failures"].items()) or "0"
+        table.add_row(
+            str(d["slot"]),
+            d["address"],
+            "yes" if d["usable"] else "no",
+            str(d["calls"]),
+            fails,
+            str(d["fallbacks"]),
+            f"{d['bytes_dl'] / 1e3:.1f}",
+            f"{d['bytes_ul'] / 1e3:.1f}",
+            f"{d['mean_compute_ms']:.3f}",
+        )
+    table_console(stderr=True).print(table)
+    t = summary["totals"]
+    err.print(
+        f"expert calls {t['expert_calls']} · failed {t['failed_calls']} · per token: measured "
+        f"{1e3 * t['mean_token_measured_s']:.1f} ms, latency model {1e3 * t['mean_token_predicted_s']:.1f} ms"
+    )
+
+
 def cluster_cmd(
     devices: Annotated[int, typer.Option(help="Device worker processes (1..experts per layer).")] = 2,
     model: Annotated[str, typer.Option(help="'default' or a local checkpoint folder.")] = "default",
     prompt: Annotated[str, typer.Option(help="The prompt to answer.")] = "What is a router?",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
+    scenario: Annotated[str, typer.Option(help="Cell preset (configs/scenarios).")] = "lab",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Scenario override (repeatable).")] = None,
+    policy: Annotated[str, typer.Option(help="Expert selection policy.")] = "topk",
+    param: Annotated[list[str] | None, typer.Option(help="Policy parameter NAME=VALUE (repeatable).")] = None,
+    allocator: Annotated[str, typer.Option(help="Bandwidth allocator per layer.")] = "equal",
+    mode: Annotated[str, typer.Option(help="wait, drop or fallback.")] = "drop",
+    replicas: Annotated[int, typer.Option(help="Devices holding each expert.")] = 1,
+    emulate_links: Annotated[bool, typer.Option(help="Wait out the channel's DL/UL delays.")] = False,
+    time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second.")] = 1.0,
+    metrics_log: Annotated[Path | None, typer.Option(help="The BS's JSON-lines metrics log.")] = None,
 ) -> None:
-    """Start N local device workers, generate the prompt through the remote experts, summarise, stop."""
+    """Start a BS and N device workers on this machine, answer the prompt through them, summarise, stop."""
     from wdmoe.cli import quiet_transformers
-    from wdmoe.generate import generate
+    from wdmoe.runtime import api
     from wdmoe.runtime.cluster import Cluster
 
     quiet_transformers()
     if max_new_tokens < 1:
         raise _fail(ValueError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}"))
     try:
-        with Cluster(model, devices) as cluster:
+        settings = settings_from(
+            policy,
+            param or [],
+            allocator,
+            mode,
+            3.0,
+            250.0,
+            30.0,
+            emulate_links,
+            time_scale,
+            "float32",
+            1.0,
+            None,
+        )
+        with Cluster(
+            model,
+            devices,
+            settings=settings,
+            scenario=scenario,
+            overrides=set_ or [],
+            replicas=replicas,
+            bs_in_process=False,
+            metrics_log=metrics_log,
+        ) as cluster:
             ready = ", ".join(d.address for d in cluster.devices)
-            err.print(f"[dim]{devices} device workers ready: {ready}[/]")
-            generate(cluster.wm, cluster.tok, prompt, max_new_tokens=max_new_tokens, on_text=_stream)
+            err.print(f"[dim]BS {cluster.bs_address} · {devices} device workers registered: {ready}[/]")
+            metrics = cluster.client.generate(
+                api.GenerateRequest(prompt, max_new_tokens=max_new_tokens), _stream
+            )
             sys.stdout.write("\n")
-            rows = cluster.summary()
+            summary = cluster.stats()
     except WdmoeError as e:
         raise _fail(e) from e
-    table = Table(title=f"{devices} devices · expert e on device e mod {devices}")
-    for col in ("device", "address", "experts", "calls", "failures", "mean compute ms"):
-        table.add_column(col, justify="left" if col == "address" else "right")
-    for r in rows:
-        counts = (str(r.experts), str(r.calls), str(r.failures))
-        table.add_row(str(r.device), r.address, *counts, f"{r.mean_compute_ms:.3f}")
-    table_console().print(table)
+    err.print(
+        f"[dim]{metrics['new_tokens']} tokens · TTFT {1e3 * (metrics['ttft_s'] or 0):.0f} ms · "
+        f"{metrics['expert_calls']} expert calls, {metrics['dropped']} dropped · "
+        f"{(metrics['bytes_dl'] + metrics['bytes_ul']) / 1e3:.1f} KB on the wire[/]"
+    )
+    print_summary(summary)

@@ -90,8 +90,13 @@ def generate(
     chat: bool = True,
     system: str | None = None,
     on_text: Callable[[str], None] | None = None,
+    record: bool = True,
 ) -> GenerationResult:
-    """Greedy (temperature 0) or sampled generation with the KV cache, streaming through ``on_text``."""
+    """Greedy (temperature 0) or sampled generation with the KV cache, streaming through ``on_text``.
+
+    record: use the model's shared recorder for ``experts_per_token``; a server running several
+    requests at once passes False (the recorder is not per request; experts_per_token is then nan).
+    """
     ids = encode_prompt(tok, prompt, chat, system)
     limit = context_length(wm.model)
     if ids.shape[1] + max_new_tokens > limit:
@@ -106,8 +111,9 @@ def generate(
         else {"do_sample": False}
     )
     torch.manual_seed(seed)
-    wm.recorder.clear()
-    wm.recorder.enabled = True
+    if record:
+        wm.recorder.clear()
+        wm.recorder.enabled = True
     t0 = time.perf_counter()
     try:
         out = wm.model.generate(
@@ -120,9 +126,10 @@ def generate(
             **sampling,
         )
     finally:
-        wm.recorder.enabled = False
+        if record:
+            wm.recorder.enabled = False
     t1 = time.perf_counter()
-    traces = wm.recorder.clear()
+    traces = wm.recorder.clear() if record else []
     kept = sum(int(t.keep.sum()) for t in traces)
     tokens = sum(int(t.keep.shape[0]) for t in traces)
     first = streamer.first_token_at or t1
@@ -133,5 +140,5 @@ def generate(
         new_tokens=int(new.numel()),
         prefill_s=first - t0,
         decode_s=t1 - first,
-        experts_per_token=kept / max(tokens, 1),
+        experts_per_token=kept / max(tokens, 1) if record else float("nan"),
     )

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from wdmoe.errors import ConfigError
 from wdmoe.models.adapters import MoEAdapter, adapter_for, decoder_layers, moe_blocks
 from wdmoe.models.block import Recorder, WirelessMoEBlock
@@ -47,6 +49,19 @@ class WirelessModel:
             raise ConfigError(f"top_k must be in 1..{self.num_experts} for this model, got {k}")
         for block in self.blocks.values():
             block.gate.top_k = k
+
+    def release_experts(self) -> int:
+        """Free the fused expert tensors (devices hold the experts now); returns the bytes freed.
+        The expert count stays readable (tensors [E, 0, 0]); running experts locally is no longer
+        possible."""
+        freed = 0
+        for block in self.blocks.values():
+            for name in ("gate_up_proj", "down_proj"):
+                old = getattr(block.experts, name)
+                freed += old.numel() * old.element_size()
+                empty = torch.empty(old.shape[0], 0, 0, dtype=old.dtype)
+                setattr(block.experts, name, torch.nn.Parameter(empty, requires_grad=False))
+        return freed
 
     def local_dispatcher(self) -> LocalDispatcher:
         return LocalDispatcher({i: b.experts for i, b in self.blocks.items()})

@@ -22,7 +22,7 @@ from wdmoe.channel.units import FloatArray, db_to_linear
 from wdmoe.config import check_range
 from wdmoe.devices import devices_for, effective_flops_per_s
 from wdmoe.errors import ConfigError
-from wdmoe.latency import ExpertCost, device_time_s, layer_demand, waiting_s
+from wdmoe.latency import DeviceTimes, ExpertCost, device_time_s, device_times, layer_demand, waiting_s
 
 if TYPE_CHECKING:
     from wdmoe.allocation.base import Allocator
@@ -123,8 +123,23 @@ class ExpertLatency:
 
     def allocate(self, allocator: "Allocator", expert_tokens: Any) -> "ExpertLatency":
         """The same view with the allocator's split of the band for expert loads n_e [E]."""
-        demand = layer_demand(self.device_tokens(expert_tokens), self.flops_per_s, self.cost)
+        return self.allocate_devices(allocator, self.device_tokens(expert_tokens))
+
+    def allocate_devices(self, allocator: "Allocator", device_tokens: Any) -> "ExpertLatency":
+        """The same view with the allocator's split of the band for device loads n_u [U]."""
+        demand = layer_demand(device_tokens, self.flops_per_s, self.cost)
         return self.with_bandwidth(allocator.allocate(demand, self.channel).bandwidth_hz)
+
+    def times_on(self, channel: ChannelState, device_tokens: Any) -> DeviceTimes:
+        """t_u's parts [U] for device loads n_u [U] at this view's bandwidth B_u on ``channel``
+        (e.g. the true channel, where the view holds the BS's estimate)."""
+        return device_times(
+            device_tokens,
+            channel.dl.rate_bps(self.bandwidth_hz),
+            channel.ul.rate_bps(self.bandwidth_hz),
+            self.flops_per_s,
+            self.cost,
+        )
 
 
 def require_latency(policy: str, latency: Any) -> ExpertLatency:

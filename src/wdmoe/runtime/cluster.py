@@ -1,14 +1,16 @@
-"""A local cluster: the model's experts served by N device worker processes on loopback.
+"""A local cluster: a BS and N device worker processes on loopback.
 
 ``Cluster`` loads a model, splits it into a temporary folder, places expert e of every layer on
-device ``e % N``, starts one ``python -m wdmoe.runtime.device`` subprocess per device (free
-loopback ports; a random token handed over in ``$WDMOE_TOKEN``, never on the command line), waits
-until each answers, and installs a ``RemoteDispatcher`` on the model. Leaving the ``with`` block
-always stops the workers (terminate → wait → kill), whatever ended it (an error, Ctrl-C).
+device ``e % N`` (and, with replicas r, also on the r − 1 next devices), starts the BS — in this
+process (``bs_in_process``, so tests can reach the model) or as ``python -m wdmoe serve-bs`` — and
+one ``python -m wdmoe.runtime.device --bs …`` subprocess per device (free loopback ports; a random
+token handed over in ``$WDMOE_TOKEN``, never on the command line), and waits until every device has
+registered. Leaving the ``with`` block always stops every process (terminate → wait → kill),
+whatever ended it (an error, Ctrl-C); the BS writes its summary when it stops.
 
     with Cluster("default", devices=4) as cluster:
-        generate(cluster.wm, cluster.tok, "What is a router?")
-        cluster.summary()
+        cluster.client.generate(GenerateRequest("What is a router?"), on_text=print)
+        cluster.stats()
 """
 
 import os
@@ -18,32 +20,31 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
+from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import load_checkpoint
 from wdmoe.models.split import split_model
+from wdmoe.runtime.bs import BaseStation, BSServer, RuntimeSettings, fit_scenario, serve_bs
+from wdmoe.runtime.client import BSClient, BSError
 from wdmoe.runtime.device import ExpertKey
-from wdmoe.runtime.remote import RemoteDispatcher
 
 
 class ClusterError(WdmoeError):
     """A device worker could not be started or did not become ready."""
 
 
-def round_robin(keys: Sequence[ExpertKey], devices: int) -> list[list[ExpertKey]]:
-    """Device u hosts expert e of every layer where e % devices == u (pure; U lists of keys)."""
-    return [[k for k in keys if k[1] % devices == u] for u in range(devices)]
+def round_robin(keys: Sequence[ExpertKey], devices: int, replicas: int = 1) -> list[list[ExpertKey]]:
+    """Device u hosts expert e of every layer where (u − e) mod devices < replicas (pure; U lists)."""
+    return [[k for k in keys if (u - k[1]) % devices < replicas] for u in range(devices)]
 
 
 def shard_key(path: Path) -> ExpertKey:
@@ -71,42 +72,6 @@ def alive(pid: int) -> bool:
     return True
 
 
-class CountingDispatcher(RemoteDispatcher):
-    """A RemoteDispatcher that also counts calls and sums reported compute time per device address."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.calls: Counter[str] = Counter()
-        self.compute_sum_s: dict[str, float] = {}
-        self.answered: Counter[str] = Counter()
-
-    def forget(self, address: str) -> None:
-        """Drop the channel to ``address`` so the next call connects afresh (no reconnect back-off)."""
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            channel.close()
-
-    def gather(self, layer: int, e: int, address: str, future: Any, x: torch.Tensor) -> torch.Tensor | None:
-        y = super().gather(layer, e, address, future, x)
-        self.calls[address] += 1
-        if y is not None:
-            self.answered[address] += 1
-            self.compute_sum_s[address] = self.compute_sum_s.get(address, 0.0) + self.compute_s[(layer, e)]
-        return y
-
-
-@dataclass(frozen=True)
-class DeviceSummary:
-    """What one device did while the cluster ran."""
-
-    device: int
-    address: str
-    experts: int
-    calls: int
-    failures: int
-    mean_compute_ms: float
-
-
 @dataclass
 class DeviceProcess:
     """One worker subprocess: the shards it hosts, where it listens, its stderr log."""
@@ -116,6 +81,7 @@ class DeviceProcess:
     hosted: list[ExpertKey]
     port: int
     log: Path
+    delay_ms: float = 0.0
     process: "subprocess.Popen[bytes] | None" = None
 
     @property
@@ -127,27 +93,64 @@ class DeviceProcess:
         return text[-chars:].strip() or "(empty)"
 
 
+def settings_args(s: RuntimeSettings) -> list[str]:
+    """``wdmoe serve-bs`` flags that reproduce ``s``."""
+    args = ["--policy", s.policy, "--allocator", s.allocator, "--mode", s.mode, "--slack", str(s.slack)]
+    args += ["--grace-ms", str(1e3 * s.grace_s), "--max-wait-s", str(s.max_wait_s)]
+    args += [
+        "--time-scale",
+        str(s.time_scale),
+        "--wire-dtype",
+        s.wire_dtype,
+        "--heartbeat-s",
+        str(s.heartbeat_s),
+    ]
+    args += ["--emulate-links" if s.emulate_links else "--no-emulate-links"]
+    for key, value in s.params.items():
+        args += ["--param", f"{key}={value}"]
+    return args
+
+
 class Cluster:
-    """N local device workers serving a model's experts; a context manager that always tears down."""
+    """A BS and N local device workers; a context manager that always tears everything down."""
 
     def __init__(
         self,
         model: str = "default",
         devices: int = 2,
         *,
-        timeout_s: float = 10.0,
-        ready_s: float = 120.0,
+        settings: RuntimeSettings | None = None,
+        scenario: str = "lab",
+        overrides: Sequence[str] = (),
+        replicas: int = 1,
+        delays_ms: dict[int, float] | None = None,
+        bs_in_process: bool = True,
+        top_k: int | None = None,
+        metrics_log: Path | None = None,
+        ready_s: float = 180.0,
     ) -> None:
         if devices < 1:
             raise ConfigError(f"--devices must be ≥ 1, got {devices}")
-        self.spec, self.num_devices = model, devices
-        self.timeout_s, self.ready_s = timeout_s, ready_s
+        if not 1 <= replicas <= devices:
+            raise ConfigError(f"--replicas must be in 1..{devices} (the devices), got {replicas}")
+        self.spec, self.num_devices, self.replicas = model, devices, replicas
+        self.settings = settings or RuntimeSettings()
+        self.scenario_name = scenario
+        self.overrides = [*overrides, f"cell.num_devices={devices}"]
+        self.delays_ms = delays_ms or {}
+        self.bs_in_process, self.top_k = bs_in_process, top_k
+        self.metrics_log, self.ready_s = metrics_log, ready_s
         self.token = secrets.token_hex(16)
         self.devices: list[DeviceProcess] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.server: BSServer | None = None
+        self.bs_process: subprocess.Popen[bytes] | None = None
+        self.bs_log: Path | None = None
+        self.bs_address = ""
+        self.client: BSClient
         self.wm: WirelessModel
         self.tok: PreTrainedTokenizerBase
-        self.dispatcher: CountingDispatcher
+        self.bs: BaseStation
 
     def __enter__(self) -> "Cluster":
         try:
@@ -161,56 +164,93 @@ class Cluster:
         self.close()
 
     def start(self) -> None:
-        """Load and split the model, start every worker, wait until all are ready, install remote experts."""
-        net, self.tok = load_checkpoint(self.spec)
-        self.wm = install(net)
-        if self.num_devices > self.wm.num_experts:
+        """Load and split the model, start the BS and every worker, wait until all registered."""
+        cell = load_scenario(self.scenario_name, self.overrides)  # bad overrides fail first
+        net, self.tok = load_checkpoint(self.spec, top_k=self.top_k)
+        wm = install(net)
+        if self.num_devices > wm.num_experts:
             raise ConfigError(
-                f"--devices must be in 1..{self.wm.num_experts} (the model's experts per layer), "
+                f"--devices must be in 1..{wm.num_experts} (the model's experts per layer), "
                 f"got {self.num_devices}"
             )
         self._tmp = tempfile.TemporaryDirectory(prefix="wdmoe-cluster-")
         folder = Path(self._tmp.name)
         by_key = {shard_key(p): p for p in split_model(net, folder)}
-        for u, keys in enumerate(round_robin(sorted(by_key), self.num_devices)):
+        for u, keys in enumerate(round_robin(sorted(by_key), self.num_devices, self.replicas)):
             paths = [by_key[k] for k in keys]
-            self.devices.append(DeviceProcess(u, paths, keys, free_port(), folder / f"device{u}.log"))
+            log = folder / f"device{u}.log"
+            self.devices.append(DeviceProcess(u, paths, keys, free_port(), log, self.delays_ms.get(u, 0.0)))
+        if self.bs_in_process:
+            scenario = fit_scenario(cell, wm, self.spec)
+            if self.settings.mode != "fallback":
+                wm.release_experts()
+            self.wm = wm
+            self.bs = BaseStation(
+                wm, self.tok, scenario, self.settings, token=self.token, metrics_log=self.metrics_log
+            )
+            self.server = serve_bs(self.bs, self.token)
+            self.bs_address = self.server.address
+        else:
+            del net, wm
+            self.launch_bs(folder)
+        self.client = BSClient(self.bs_address, self.token)
         for d in self.devices:
             self.launch(d)
-        for d in self.devices:
-            self.wait_ready(d)
-        placement = {k: d.address for d in self.devices for k in d.hosted}
-        self.dispatcher = CountingDispatcher(placement, self.token, timeout_s=self.timeout_s)
-        self.wm.set_dispatcher(self.dispatcher)
+        self.wait_ready()
+
+    def launch_bs(self, folder: Path) -> None:
+        port = free_port()
+        self.bs_address = f"127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "wdmoe", "serve-bs", "--model", self.spec, "--port", str(port)]
+        cmd += ["--scenario", self.scenario_name, *settings_args(self.settings)]
+        for o in self.overrides:
+            cmd += ["--set", o]
+        if self.top_k is not None:
+            cmd += ["--top-k", str(self.top_k)]
+        if self.metrics_log is not None:
+            cmd += ["--metrics-log", str(self.metrics_log)]
+        self.bs_log = folder / "bs.log"
+        with open(self.bs_log, "wb") as log:
+            env = os.environ | {"WDMOE_TOKEN": self.token}
+            self.bs_process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
     def launch(self, d: DeviceProcess) -> None:
         """Start device ``d``'s worker; the token travels in the environment, not in argv."""
-        cmd = [sys.executable, "-m", "wdmoe.runtime.device", "--port", str(d.port), "--shards"]
-        cmd += [str(p) for p in d.shards]
+        cmd = [sys.executable, "-m", "wdmoe.runtime.device", "--port", str(d.port), "--bs", self.bs_address]
+        cmd += ["--slot", str(d.device), "--name", f"device{d.device}"]
+        if d.delay_ms:
+            cmd += ["--inject-delay-ms", str(d.delay_ms)]
+        cmd += ["--shards", *map(str, d.shards)]
         env = os.environ | {"WDMOE_TOKEN": self.token}
-        with open(d.log, "wb") as log:
+        with open(d.log, "ab") as log:
             d.process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
-    def wait_ready(self, d: DeviceProcess) -> None:
-        """Poll until the worker's gRPC port accepts a channel; a clear error if it dies or is late."""
-        assert d.process is not None, d
-        deadline = time.monotonic() + self.ready_s
-        with grpc.insecure_channel(d.address) as channel:
-            while True:
-                if d.process.poll() is not None:
-                    raise ClusterError(
-                        f"device {d.device} ({d.address}) exited with status {d.process.returncode} "
-                        f"before it was ready; its stderr ends with:\n{d.stderr_tail()}"
-                    )
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=0.5)
-                    return
-                except grpc.FutureTimeoutError:
-                    if time.monotonic() > deadline:
-                        raise ClusterError(
-                            f"device {d.device} ({d.address}) was not ready within {self.ready_s:.0f} s; "
-                            f"its stderr ends with:\n{d.stderr_tail()}"
-                        ) from None
+    def check_alive(self) -> None:
+        """A ClusterError naming the first process that exited, with the end of its stderr."""
+        if self.bs_process is not None and self.bs_process.poll() is not None:
+            tail = self.bs_log.read_text(errors="replace")[-2000:] if self.bs_log else ""
+            raise ClusterError(
+                f"the BS exited with status {self.bs_process.returncode}; "
+                f"its stderr ends with:\n{tail.strip()}"
+            )
+        for d in self.devices:
+            if d.process is not None and d.process.poll() is not None:
+                raise ClusterError(
+                    f"device {d.device} ({d.address}) exited with status {d.process.returncode}; "
+                    f"its stderr ends with:\n{d.stderr_tail()}"
+                )
+
+    def wait_ready(self, devices: int | None = None) -> None:
+        """Until every device (or ``devices`` of them) is registered and usable at the BS."""
+
+        def alive() -> bool:
+            self.check_alive()
+            return True
+
+        try:
+            self.client.wait_ready(self.num_devices if devices is None else devices, self.ready_s, alive)
+        except BSError as err:
+            raise ClusterError(str(err)) from err
 
     def kill_device(self, u: int) -> None:
         """Kill device u's worker at once (SIGKILL), as a crash would: for fault tests."""
@@ -220,34 +260,39 @@ class Cluster:
             proc.wait()
 
     def restart_device(self, u: int) -> None:
-        """Start device u again on its old port (stopping it first if it still runs) and wait for it."""
+        """Start device u again on its old port (stopping it first if it still runs); returns once the
+        BS has it usable again (it re-registers by itself)."""
         stop(self.devices[u].process)
         self.launch(self.devices[u])
-        self.wait_ready(self.devices[u])
-        if hasattr(self, "dispatcher"):
-            self.dispatcher.forget(self.devices[u].address)
+        deadline = time.monotonic() + self.ready_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            row = self.stats()["devices"][u]
+            if row["usable"]:
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"device {u} did not re-register within {self.ready_s:.0f} s")
 
     def pids(self) -> list[int]:
-        return [d.process.pid for d in self.devices if d.process is not None]
+        procs = [d.process for d in self.devices] + [self.bs_process]
+        return [p.pid for p in procs if p is not None]
 
-    def summary(self) -> list[DeviceSummary]:
-        """Per device: experts hosted, expert calls, failed calls, mean reported compute time."""
-        failed = Counter(f.address for f in self.dispatcher.failures)
-        rows = []
-        for d in self.devices:
-            n, answered = self.dispatcher.calls[d.address], self.dispatcher.answered[d.address]
-            mean_ms = 1e3 * self.dispatcher.compute_sum_s.get(d.address, 0.0) / answered if answered else 0.0
-            rows.append(DeviceSummary(d.device, d.address, len(d.hosted), n, failed[d.address], mean_ms))
-        return rows
+    def stats(self) -> dict[str, Any]:
+        """The BS's per-device and overall figures."""
+        return self.bs.summary() if self.bs_in_process else self.client.stats()
 
     def close(self) -> None:
-        """Stop every worker (terminate → wait → kill), close channels, remove the split."""
+        """Stop every worker and the BS (terminate → wait → kill), remove the split."""
         try:
             for d in self.devices:
                 stop(d.process)
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+            stop(self.bs_process, grace_s=15.0)
         finally:
-            if hasattr(self, "dispatcher"):
-                self.dispatcher.close()
+            if hasattr(self, "client"):
+                self.client.close()
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None

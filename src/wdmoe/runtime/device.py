@@ -1,18 +1,22 @@
 """A device worker: a gRPC server that holds a few expert shards and runs them on request.
 
-It loads only the shard files it is given (never the whole model) and serves one method,
+It loads only the shard files it is given (never the whole model) and serves
 ``/wdmoe.Device/RunExpert``: wire-encoded ``ExpertRequest`` bytes in, ``ExpertResponse`` bytes out
-(with the measured compute time). Generic bytes handlers, so no protoc step is needed.
+(with the measured compute time), plus the standard ``grpc.health.v1`` service. Generic bytes
+handlers, so no protoc step is needed. Given a BS address it registers there and re-registers
+every heartbeat (so it is found again after the BS or the device restarts).
 
-    python -m wdmoe.runtime.device --shards out/L000_E001.safetensors … --port 50051 --token T
+    wdmoe device --bs 127.0.0.1:50050 --slot 0 --shards out/L000_E001.safetensors … --port 50051
+    python -m wdmoe.runtime.device …   (the same, without typer)
 """
 
 import argparse
 import hmac
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,11 @@ import torch
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.models.experts import ExpertWeights, run_expert
 from wdmoe.models.split import load_expert_shard
+from wdmoe.runtime import api
+from wdmoe.runtime.security import TLSFiles, bearer, open_channel
 from wdmoe.runtime.wire import MAX_MESSAGE_BYTES, ExpertResponse, WireError, decode_request, encode
+
+log = logging.getLogger("wdmoe.device")
 
 SERVICE = "wdmoe.Device"
 RUN_EXPERT = f"/{SERVICE}/RunExpert"
@@ -32,11 +40,6 @@ GRPC_OPTIONS = [
 ]
 
 ExpertKey = tuple[int, int]  # (layer, expert)
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """The call metadata that authenticates with ``token``."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 class Refused(WdmoeError):
@@ -50,25 +53,34 @@ class Refused(WdmoeError):
 class DeviceWorker:
     """The experts one device hosts, keyed (layer, expert), and the RunExpert handler."""
 
-    def __init__(self, experts: dict[ExpertKey, ExpertWeights], token: str) -> None:
+    def __init__(self, experts: dict[ExpertKey, ExpertWeights], token: str, delay_s: float = 0.0) -> None:
         if not token:
             raise ConfigError(
                 "a device needs a non-empty token (clients send 'authorization: Bearer <token>')"
             )
         self.experts = experts
+        self.delay_s = delay_s  # fault injection: sleep this long before answering
         self._expected = f"Bearer {token}".encode()
 
     @classmethod
-    def from_shards(cls, shards: Iterable[Path], token: str) -> "DeviceWorker":
+    def from_shards(cls, shards: Iterable[Path], token: str, delay_s: float = 0.0) -> "DeviceWorker":
         experts: dict[ExpertKey, ExpertWeights] = {}
         for path in shards:
             shard, weights = load_expert_shard(Path(path))
             experts[(shard.layer, shard.expert)] = weights
-        return cls(experts, token)
+        return cls(experts, token, delay_s)
 
     def run_expert(self, request: bytes, context: Any) -> bytes:
-        """RunExpert: a refused or malformed request aborts that call with a status, never the server."""
+        """RunExpert: a refused or malformed request aborts that call with a status, never the server.
+        A request whose deadline has passed by the time it could run is not computed."""
         try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise Refused(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it ran"
+                )
             return self.answer(request, dict(context.invocation_metadata()).get("authorization", ""))
         except Refused as refused:
             context.abort(refused.code, refused.message)
@@ -108,11 +120,83 @@ class DeviceWorker:
         return grpc.method_handlers_generic_handler(SERVICE, {"RunExpert": method})
 
 
+class Registrar:
+    """Registers the device with its BS now and every heartbeat, in a background thread.
+
+    Each heartbeat is a full registration (idempotent), so a restarted BS learns the device again
+    at the next beat; failures are logged once per change of state, never raised.
+    """
+
+    def __init__(
+        self,
+        bs_address: str,
+        token: str,
+        reg: api.Registration,
+        tls: TLSFiles | None = None,
+        every_s: float = 1.0,
+    ) -> None:
+        self.bs_address, self.reg, self.every_s = bs_address, reg, every_s
+        self.channel = open_channel(bs_address, tls)
+        self.call = self.channel.unary_unary(api.REGISTER)
+        self.metadata = bearer(token)
+        self.stopping = threading.Event()
+        self.registered = threading.Event()
+        self.boot: str | None = None
+        self.thread = threading.Thread(target=self.loop, name="register", daemon=True)
+
+    def beat(self) -> bool:
+        try:
+            reply = api.load(
+                self.call(api.encode_registration(self.reg), timeout=5.0, metadata=self.metadata), "Register"
+            )
+        except grpc.RpcError as err:
+            if self.registered.is_set() or self.boot is None:
+                log.warning(
+                    "cannot register with the BS at %s: %s %s",
+                    self.bs_address,
+                    err.code().name,
+                    err.details(),
+                )
+            self.registered.clear()
+            if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+                self.boot = ""  # refused: log once, keep trying (the BS may be reconfigured)
+            return False
+        except api.ApiError as err:
+            log.warning("the BS at %s answered the registration with %s", self.bs_address, err)
+            return False
+        if reply.get("boot") != self.boot:
+            log.info(
+                "registered with the BS at %s (boot %s) as slot %d",
+                self.bs_address,
+                reply.get("boot"),
+                self.reg.slot,
+            )
+        self.boot = reply.get("boot")
+        self.every_s = float(reply.get("heartbeat_s", self.every_s))
+        self.registered.set()
+        return True
+
+    def loop(self) -> None:
+        while not self.stopping.is_set():
+            self.beat()
+            self.stopping.wait(self.every_s)
+
+    def start(self) -> "Registrar":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5.0)
+        self.channel.close()
+
+
 class DeviceServer:
     """A started worker: ``address`` to give the BS, ``stop()`` (or ``with``) to end it."""
 
     def __init__(self, worker: DeviceWorker, server: Any, host: str, port: int) -> None:
         self.worker, self.server, self.host, self.port = worker, server, host, port
+        self.registrar: Registrar | None = None
 
     @property
     def address(self) -> str:
@@ -122,7 +206,23 @@ class DeviceServer:
     def hosted(self) -> list[ExpertKey]:
         return sorted(self.worker.experts)
 
+    def register(
+        self,
+        bs_address: str,
+        token: str,
+        slot: int,
+        advertise: str | None = None,
+        tls: TLSFiles | None = None,
+        name: str = "",
+    ) -> Registrar:
+        """Register with the BS (and keep doing so every heartbeat) as cell device ``slot``."""
+        reg = api.Registration(slot, advertise or self.address, tuple(self.hosted), name)
+        self.registrar = Registrar(bs_address, token, reg, tls).start()
+        return self.registrar
+
     def stop(self, grace_s: float | None = None) -> None:
+        if self.registrar is not None:
+            self.registrar.stop()
         self.server.stop(grace_s).wait()
 
     def __enter__(self) -> "DeviceServer":
@@ -133,19 +233,20 @@ class DeviceServer:
 
 
 def serve(
-    shards: Iterable[Path], port: int = 0, token: str = "", host: str = "127.0.0.1", workers: int = 4
+    shards: Iterable[Path],
+    port: int = 0,
+    token: str = "",
+    host: str = "127.0.0.1",
+    workers: int = 4,
+    *,
+    tls: TLSFiles | None = None,
+    delay_s: float = 0.0,
 ) -> DeviceServer:
     """Load ``shards`` and start serving on host:port (0 picks a free port); returns once listening."""
-    worker = DeviceWorker.from_shards(shards, token)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((worker.handler(),))
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as err:
-        raise OSError(f"device cannot listen on {host}:{port}: {err}") from err
-    if bound == 0:
-        raise OSError(f"device cannot listen on {host}:{port}")
-    server.start()
+    from wdmoe.runtime.bs import start_server  # the BS and the devices share one server recipe
+
+    worker = DeviceWorker.from_shards(shards, token, delay_s)
+    server, bound = start_server(worker.handler(), token, host, port, tls, workers)
     return DeviceServer(worker, server, host, bound)
 
 
@@ -156,13 +257,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     token = os.environ.get("WDMOE_TOKEN", "")
     parser.add_argument("--token", default=token, help="shared token (default: $WDMOE_TOKEN)")
+    parser.add_argument("--bs", default=None, help="HOST:PORT of the BS to register with")
+    parser.add_argument("--slot", type=int, default=None, help="this device's position in the cell (0..U-1)")
+    parser.add_argument("--advertise", default=None, help="HOST:PORT the BS should call (default: host:port)")
+    parser.add_argument("--name", default="", help="a label for logs and summaries")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate of this device (TLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of this device (TLS)")
+    parser.add_argument(
+        "--tls-ca", default=None, help="PEM CA: verify the BS; require its client certificate"
+    )
+    parser.add_argument(
+        "--inject-delay-ms", type=float, default=0.0, help="fault injection: answer this late"
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        device = serve(args.shards, args.port, args.token, args.host)
+        tls = TLSFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+        if args.bs and args.slot is None:
+            raise ConfigError("--bs needs --slot: the device's position in the cell (0..U-1)")
+        device = serve(
+            args.shards, args.port, args.token, args.host, tls=tls, delay_s=args.inject_delay_ms / 1e3
+        )
     except (WdmoeError, OSError) as err:
         parser.error(str(err))  # exits with status 2 and the message, no traceback
     print(f"device listening on {device.address}, hosting {device.hosted}", flush=True)
-    device.server.wait_for_termination()
+    if args.bs:
+        device.register(args.bs, args.token, args.slot, args.advertise, tls, args.name)
+    try:
+        device.server.wait_for_termination()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        device.stop(grace_s=1.0)
 
 
 if __name__ == "__main__":

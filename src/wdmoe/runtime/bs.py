@@ -1,0 +1,772 @@
+"""The base station of the distributed runtime: the BS part of the model, the cell, the devices.
+
+:class:`BaseStation` holds the model without its experts (embeddings, attention, routers, LM head,
+KV caches), the policy, the allocator and a channel trace that advances with the clock. It is the
+model's dispatcher: for every MoE layer it
+
+1. resolves each selected expert to a usable device (the replica with the better channel),
+2. splits the band with the allocator for the layer's device loads (on the BS's estimate) and
+   gives each device call a deadline derived from the latency model:
+   ``time_scale · slack · t_u(estimate) + grace_s`` (``wait`` mode: ``max_wait_s``),
+3. with link emulation, really waits out each device's downlink and uplink delay for the actual
+   frame bytes at the rate the *true* channel gives its bandwidth (scaled by ``time_scale``),
+4. sends every device its experts' tokens in parallel and gathers what comes back in time;
+   an expert whose device errs, is down or misses its deadline is dropped (the block masks it and
+   renormalises) — or, in ``fallback`` mode, run from the BS's local copy,
+5. records the latency model's prediction and the measured latency per layer, request and device.
+
+Forwards run one at a time (a lock): several users' requests interleave token by token.
+:func:`serve_bs` puts a BaseStation behind gRPC: Register, Generate (streaming), Stats and the
+standard health service, all but health behind the shared token (optionally mutual TLS).
+"""
+
+import functools
+import itertools
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from transformers import PreTrainedTokenizerBase
+
+from wdmoe.allocation import make_allocator
+from wdmoe.channel import ChannelState, generate_trace
+from wdmoe.config import ModelConfig, ScenarioConfig, WireConfig, check_choice, check_range
+from wdmoe.errors import WdmoeError
+from wdmoe.generate import generate
+from wdmoe.latency import bs_seconds, lm_head_flops, transfer_s
+from wdmoe.models.install import WirelessModel
+from wdmoe.policies import make_policy
+from wdmoe.policies.costs import ExpertLatency, bs_estimate
+from wdmoe.runtime import api
+from wdmoe.runtime.device import GRPC_OPTIONS, RUN_EXPERT
+from wdmoe.runtime.placement import DeviceEntry, ExpertKey, PlacementError, Registry
+from wdmoe.runtime.security import TLSFiles, TokenAuth, add_port, bearer, open_channel
+from wdmoe.runtime.wire import (
+    DTYPES,
+    KIND_RESPONSE,
+    ExpertRequest,
+    WireError,
+    decode_response,
+    encode,
+    encoded_size,
+)
+from wdmoe.simulate import check_model_matches
+
+log = logging.getLogger("wdmoe.bs")
+MODES = ("wait", "drop", "fallback")
+WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values() if d.is_floating_point}
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the BS treats devices and links.
+
+    mode: a late / failed expert is waited for (``wait``: up to max_wait_s), dropped (``drop``) or
+    run from the BS's local copy (``fallback``). slack, grace_s: the deadline of a device call is
+    time_scale·slack·t_u(estimate) + grace_s wall seconds (capped at max_wait_s).
+    emulate_links: wait out the channel's DL/UL delays; time_scale: wall seconds per simulated second
+    (0.001 runs an hour of cell in 3.6 s). wire_dtype: how hidden states travel (float32 is exact).
+    """
+
+    policy: str = "topk"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    allocator: str = "equal"
+    mode: str = "drop"
+    slack: float = 3.0
+    grace_s: float = 0.25
+    max_wait_s: float = 30.0
+    emulate_links: bool = False
+    time_scale: float = 1.0
+    wire_dtype: str = "float32"
+    heartbeat_s: float = 1.0
+    seed: int | None = None
+    csi_delay_blocks: int = 0
+    csi_error_std_db: float = 0.0
+    trace_blocks: int = 20000
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("wire_dtype", self.wire_dtype, sorted(WIRE_DTYPES))
+        check_range("slack", self.slack, 1.0, 1e6)
+        check_range("grace_s", self.grace_s, 0.0, 3600.0)
+        check_range("max_wait_s", self.max_wait_s, 0.0, 86400.0, lo_open=True)
+        check_range("time_scale", self.time_scale, 0.0, 1e6, lo_open=True)
+        check_range("heartbeat_s", self.heartbeat_s, 0.01, 3600.0)
+        check_range("trace_blocks", self.trace_blocks, 1, 1e8)
+
+
+@dataclass
+class DeviceStats:
+    """What one device slot did: expert calls, failures by code, bytes, times (wall s)."""
+
+    calls: int = 0
+    answered: int = 0
+    fallbacks: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    bytes_dl: int = 0
+    bytes_ul: int = 0
+    compute_s: float = 0.0
+    measured_s: float = 0.0
+    predicted_s: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failures"] = dict(self.failures)
+        d["mean_compute_ms"] = 1e3 * self.compute_s / self.answered if self.answered else 0.0
+        return d
+
+
+@dataclass
+class RequestStats:
+    """One user request: tokens, timing, the latency model's prediction against measurement."""
+
+    id: int
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    wall_s: float = 0.0
+    context_tokens: int = 0
+    forwards: list[dict[str, float]] = field(default_factory=list)  # per forward: measured/predicted
+    expert_calls: int = 0
+    dropped: int = 0
+    fallbacks: int = 0
+    bytes_dl: int = 0
+    bytes_ul: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        decode = self.forwards[1:]
+        mean = lambda key, rows: float(np.mean([r[key] for r in rows])) if rows else 0.0  # noqa: E731
+        return {
+            "id": self.id,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "ttft_s": self.first_token_s,
+            "wall_s": self.wall_s,
+            "forwards": len(self.forwards),
+            "prefill_measured_s": self.forwards[0]["measured_s"] if self.forwards else 0.0,
+            "prefill_predicted_s": self.forwards[0]["predicted_s"] if self.forwards else 0.0,
+            "token_measured_s": mean("measured_s", decode),
+            "token_predicted_s": mean("predicted_s", decode),
+            "expert_calls": self.expert_calls,
+            "dropped": self.dropped,
+            "drop_rate": self.dropped / self.expert_calls if self.expert_calls else 0.0,
+            "fallbacks": self.fallbacks,
+            "bytes_dl": self.bytes_dl,
+            "bytes_ul": self.bytes_ul,
+        }
+
+
+@dataclass
+class Forward:
+    """The state of the forward in flight: the channel at its start and what it has cost so far."""
+
+    request: RequestStats | None
+    estimate: ChannelState
+    true: ChannelState
+    view: ExpertLatency
+    per_token_s: np.ndarray
+    started: float
+    predicted_s: float = 0.0
+
+
+@dataclass
+class Call:
+    """One expert's tokens for one device, and what became of them."""
+
+    layer: int
+    expert: int
+    hidden: torch.Tensor
+    device: DeviceEntry
+    outputs: torch.Tensor | None = None
+    code: str = ""
+    message: str = ""
+    compute_s: float = 0.0
+
+
+class Cancelled(Exception):
+    """The user went away mid-generation."""
+
+
+def runtime_scenario(scenario: ScenarioConfig, wire_dtype: torch.dtype) -> ScenarioConfig:
+    """The scenario with the runtime's own message sizes: hidden states at the wire dtype's bits and
+    the frame header of :mod:`wdmoe.runtime.wire`, so the latency model prices the bytes that travel."""
+    header_bytes = encoded_size((0, 0), wire_dtype)
+    wire = WireConfig(bits_per_element=8 * wire_dtype.itemsize, header_bits=8 * header_bytes)
+    return replace(scenario, wire=wire)
+
+
+def model_dims(wm: WirelessModel, name: str) -> ModelConfig:
+    """The latency model's dimensions of the model that runs (read before its experts are released)."""
+    cfg = wm.model.config
+    block = next(iter(wm.blocks.values()))
+    heads = int(cfg.num_attention_heads)
+    return ModelConfig(
+        name=name,
+        hidden_size=int(cfg.hidden_size),
+        ffn_size=int(block.experts.down_proj.shape[-1]),
+        num_layers=len(wm.blocks),
+        num_experts=wm.num_experts,
+        top_k=wm.top_k,
+        num_heads=heads,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        vocab_size=int(cfg.vocab_size),
+    )
+
+
+def fit_scenario(scenario: ScenarioConfig, wm: WirelessModel, name: str) -> ScenarioConfig:
+    """The scenario's cell and channel with the dimensions of the model that really runs."""
+    return replace(scenario, model=model_dims(wm, name))
+
+
+class BaseStation:
+    """The BS: ``wm``'s dispatcher over the registered devices (see the module doc)."""
+
+    def __init__(
+        self,
+        wm: WirelessModel,
+        tok: PreTrainedTokenizerBase | None,
+        scenario: ScenarioConfig,
+        settings: RuntimeSettings | None = None,
+        *,
+        token: str,
+        tls: TLSFiles | None = None,
+        metrics_log: Path | None = None,
+    ) -> None:
+        self.settings = s = settings or RuntimeSettings()
+        check_model_matches(wm, scenario)
+        self.wm, self.tok = wm, tok
+        self.wire_dtype = WIRE_DTYPES[s.wire_dtype]
+        self.scenario = runtime_scenario(scenario, self.wire_dtype)
+        self.num_slots = scenario.cell.num_devices
+        self.registry = Registry(
+            self.num_slots, tuple(sorted(wm.blocks)), wm.num_experts, s.heartbeat_s, s.heartbeat_s
+        )
+        self.trace = generate_trace(
+            self.scenario, s.trace_blocks, scenario.seed if s.seed is None else s.seed
+        )
+        self.csi_rng = np.random.default_rng((scenario.seed if s.seed is None else s.seed) + 1)
+        self.allocator = make_allocator(s.allocator)
+        wm.set_policy(make_policy(s.policy, **dict(s.params)))
+        self.local = wm.local_dispatcher() if s.mode == "fallback" else None
+        self.metadata = bearer(token)
+        self.tls = tls
+        self.boot = secrets.token_hex(8)
+        self.t0 = time.monotonic()
+        self.stats: dict[int, DeviceStats] = {u: DeviceStats() for u in range(self.num_slots)}
+        self.requests: list[dict[str, Any]] = []
+        self.forward_lock = threading.Lock()
+        self.stats_lock = threading.Lock()
+        self.current: Forward | None = None
+        self.thread = threading.local()
+        self.ids = itertools.count(1)
+        self.request_ids = itertools.count(1)
+        self.channels: dict[str, grpc.Channel] = {}
+        self.pool = futures.ThreadPoolExecutor(
+            max_workers=max(4, 2 * self.num_slots), thread_name_prefix="link"
+        )
+        self.log_file = open(metrics_log, "a", buffering=1) if metrics_log else None  # noqa: SIM115
+        wm.set_dispatcher(self)
+        self._wrap_forward()
+
+    # --- the clock and the channel ----------------------------------------------------------
+
+    def sim_time_s(self) -> float:
+        """Simulated cell time: wall seconds since start / time_scale."""
+        return (time.monotonic() - self.t0) / self.settings.time_scale
+
+    def block(self) -> int:
+        return int(self.sim_time_s() // self.trace.block_s) % self.trace.num_blocks
+
+    def begin_forward(self, request: RequestStats | None) -> Forward:
+        """The channel snapshot this forward decides and is priced on; the policy's view of it."""
+        s = self.settings
+        block = self.block()
+        estimate = bs_estimate(self.trace, block, self.csi_rng, s.csi_delay_blocks, s.csi_error_std_db)
+        base = ExpertLatency.from_scenario(self.scenario, estimate, placement=np.arange(self.num_slots))
+        per_token = base.device_time_s(np.ones(self.num_slots))
+        placement = self.registry.expert_slots(per_token)
+        view = ExpertLatency.from_scenario(self.scenario, estimate, placement=placement)
+        self.wm.set_context(estimate, view)
+        return Forward(request, estimate, self.trace.state(block), view, per_token, time.monotonic())
+
+    # --- the model's forward, one at a time -------------------------------------------------
+
+    def _wrap_forward(self) -> None:
+        model = self.wm.model
+        inner = model.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            request: RequestStats | None = getattr(self.thread, "request", None)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            new_tokens = int(ids.shape[-1]) if ids is not None else 0
+            with self.forward_lock:
+                self.current = fwd = self.begin_forward(request)
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self.current = None
+                    self.end_forward(fwd, new_tokens)
+
+        model.forward = forward  # type: ignore[method-assign]
+
+    def end_forward(self, fwd: Forward, new_tokens: int) -> None:
+        """Add BS compute and the LM head to the forward's prediction; record it on its request."""
+        request = fwd.request
+        if request is None:
+            return
+        m = self.scenario.model
+        bs_flops = self.scenario.cell.bs_flops_per_s
+        bs = float(bs_seconds(m, new_tokens, request.context_tokens, bs_flops).sum())
+        predicted = fwd.predicted_s + bs + lm_head_flops(m) / bs_flops
+        measured = (time.monotonic() - fwd.started) / self.settings.time_scale
+        request.forwards.append(
+            {"measured_s": measured, "predicted_s": predicted, "moe_predicted_s": fwd.predicted_s}
+        )
+        request.context_tokens += new_tokens
+
+    # --- the dispatcher -----------------------------------------------------------------------
+
+    def run(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Send each expert's tokens to its device; outputs of the experts that made it in time."""
+        fwd = self.current or self.begin_forward(None)
+        start = time.monotonic()
+        s = self.settings
+        calls: dict[int, list[Call]] = {}
+        lost: list[Call] = []
+        for e, x in inputs.items():
+            device = self.registry.choose((layer, e), fwd.per_token_s)
+            if device is None:
+                nowhere = DeviceEntry(-1, "", frozenset(), "", 0.0)
+                message = f"no usable device hosts layer {layer} expert {e}"
+                lost.append(Call(layer, e, x, nowhere, code="NO_DEVICE", message=message))
+            else:
+                calls.setdefault(device.slot, []).append(Call(layer, e, x, device))
+        tokens = np.zeros(self.num_slots)
+        bytes_dl = np.zeros(self.num_slots)
+        bytes_ul = np.zeros(self.num_slots)
+        for u, group in calls.items():
+            tokens[u] = sum(len(c.hidden) for c in group)
+            bytes_dl[u] = sum(encoded_size(tuple(c.hidden.shape), self.wire_dtype) for c in group)
+            bytes_ul[u] = sum(
+                encoded_size(tuple(c.hidden.shape), self.wire_dtype, KIND_RESPONSE) for c in group
+            )
+        view = fwd.view.allocate_devices(self.allocator, tokens)
+        expected = view.device_time_s(tokens)  # on the BS's estimate: what the deadline trusts
+        true = view.times_on(fwd.true, tokens)  # the prediction on the channel the links really have
+        with np.errstate(invalid="ignore"):
+            budget = np.minimum(s.time_scale * s.slack * expected + s.grace_s, s.max_wait_s)
+        budget = np.where(np.isfinite(budget), budget, s.max_wait_s)
+        if s.mode == "wait":
+            budget = np.full(self.num_slots, s.max_wait_s)
+        if s.emulate_links:
+            dl = s.time_scale * transfer_s(8 * bytes_dl, fwd.true.dl.rate_bps(view.bandwidth_hz))
+            ul = s.time_scale * transfer_s(8 * bytes_ul, fwd.true.ul.rate_bps(view.bandwidth_hz))
+            jobs = [
+                self.pool.submit(self.emulated, g, float(dl[u]), float(ul[u]), float(budget[u]))
+                for u, g in calls.items()
+            ]
+            for job in jobs:
+                job.result()
+        else:
+            self.direct([c for g in calls.values() for c in g], budget)
+        busy = tokens > 0
+        predicted = float(np.max(np.where(busy, true.total_s, 0.0), initial=0.0))
+        fwd.predicted_s += predicted
+        measured = (time.monotonic() - start) / s.time_scale
+        return self.finish(layer, fwd, calls, lost, true.total_s, measured)
+
+    def direct(self, calls: list[Call], budget: np.ndarray) -> None:
+        """Without link emulation: every call at once, each under its device's deadline."""
+        pending = [(c, self.send(c, float(budget[c.device.slot]))) for c in calls]
+        for c, future in pending:
+            self.receive(c, future)
+
+    def emulated(self, group: list[Call], dl_s: float, ul_s: float, budget_s: float) -> None:
+        """One device's calls through its emulated link: downlink delay, the calls, uplink delay —
+        never past ``budget_s`` from now (a late answer is a miss, as on a real link)."""
+        deadline = time.monotonic() + budget_s
+        if dl_s >= budget_s:
+            time.sleep(budget_s)
+            return self.miss(group, f"the emulated downlink alone takes {dl_s:.3f} s, past the deadline")
+        time.sleep(dl_s)
+        pending = [(c, self.send(c, deadline - time.monotonic())) for c in group]
+        for c, future in pending:
+            self.receive(c, future)
+        left = deadline - time.monotonic()
+        if ul_s > left:
+            time.sleep(max(left, 0.0))
+            return self.miss(
+                [c for c in group if c.outputs is not None], "the emulated uplink ends past the deadline"
+            )
+        time.sleep(ul_s)
+        return None
+
+    def miss(self, group: list[Call], message: str) -> None:
+        for c in group:
+            c.outputs, c.code, c.message = None, "DEADLINE_EXCEEDED", message
+
+    def send(self, c: Call, timeout_s: float) -> Any:
+        timeout_s = max(timeout_s, 1e-3)
+        req = ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
+        return self.stub(c.device.address).future(encode(req), timeout=timeout_s, metadata=self.metadata)
+
+    def receive(self, c: Call, future: Any) -> None:
+        try:
+            resp = decode_response(future.result())
+        except grpc.RpcError as err:
+            c.code, c.message = err.code().name, str(err.details())
+            return
+        except WireError as err:
+            c.code, c.message = "WIRE", str(err)
+            return
+        if resp.outputs.shape != c.hidden.shape:
+            c.code, c.message = (
+                "WIRE",
+                f"outputs {list(resp.outputs.shape)} for hidden {list(c.hidden.shape)}",
+            )
+            return
+        c.outputs, c.compute_s = resp.outputs.to(c.hidden.dtype), resp.compute_s
+
+    def finish(
+        self,
+        layer: int,
+        fwd: Forward,
+        calls: dict[int, list[Call]],
+        lost: list[Call],
+        predicted_u: np.ndarray,
+        measured_s: float,
+    ) -> dict[int, torch.Tensor]:
+        """Outputs, fallbacks, down-marking and the books."""
+        outputs: dict[int, torch.Tensor] = {}
+        failed = list(lost)
+        request = fwd.request
+        with self.stats_lock:
+            for u, group in calls.items():
+                st = self.stats[u]
+                st.predicted_s += float(predicted_u[u])
+                st.measured_s += measured_s
+                for c in group:
+                    st.calls += 1
+                    n = tuple(c.hidden.shape)
+                    st.bytes_dl += encoded_size(n, self.wire_dtype)
+                    if c.outputs is not None:
+                        st.answered += 1
+                        st.compute_s += c.compute_s
+                        st.bytes_ul += encoded_size(n, self.wire_dtype, KIND_RESPONSE)
+                        outputs[c.expert] = c.outputs
+                    else:
+                        st.failures[c.code] += 1
+                        failed.append(c)
+            if request is not None:
+                request.expert_calls += len(inputs_of(calls)) + len(lost)
+                request.bytes_dl += sum(
+                    encoded_size(tuple(c.hidden.shape), self.wire_dtype) for c in inputs_of(calls)
+                )
+                request.bytes_ul += sum(
+                    encoded_size(tuple(c.hidden.shape), self.wire_dtype, KIND_RESPONSE)
+                    for c in inputs_of(calls)
+                    if c.outputs is not None
+                )
+        for c in failed:
+            if c.code == "UNAVAILABLE" and self.registry.mark_down(c.device.address):
+                self.event(
+                    "device_down", slot=c.device.slot, address=c.device.address, reason=c.message[:200]
+                )
+                self.forget(c.device.address)
+        if failed and self.local is not None:
+            local = self.local.run(layer, {c.expert: c.hidden for c in failed})
+            outputs.update(local)
+            with self.stats_lock:
+                for c in failed:
+                    if c.device.slot >= 0:
+                        self.stats[c.device.slot].fallbacks += 1
+                if request is not None:
+                    request.fallbacks += len(failed)
+        elif failed and request is not None:
+            with self.stats_lock:
+                request.dropped += len(failed)
+        return outputs
+
+    # --- channels to devices ------------------------------------------------------------------
+
+    def stub(self, address: str) -> Any:
+        channel = self.channels.get(address)
+        if channel is None:
+            channel = self.channels[address] = open_channel(address, self.tls, GRPC_OPTIONS)
+        return channel.unary_unary(RUN_EXPERT)
+
+    def forget(self, address: str) -> None:
+        """Close the channel to ``address``: the next call connects afresh (no reconnect back-off)."""
+        channel = self.channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    # --- devices, users, metrics ----------------------------------------------------------------
+
+    def register(self, reg: api.Registration, static: bool = False) -> DeviceEntry:
+        entry, came_up = self.registry.register(reg.slot, reg.address, reg.experts, reg.name, static)
+        if came_up:
+            self.forget(reg.address)
+            self.event(
+                "device_up", slot=reg.slot, address=reg.address, experts=len(reg.experts), name=reg.name
+            )
+        return entry
+
+    def add_static(self, placement: Mapping[ExpertKey, str]) -> None:
+        """Devices known without registration: (layer, expert) → address; slot = order of address."""
+        by_address: dict[str, list[ExpertKey]] = {}
+        for key, address in placement.items():
+            by_address.setdefault(address, []).append(key)
+        for slot, (address, keys) in enumerate(sorted(by_address.items())):
+            self.register(api.Registration(slot, address, tuple(sorted(keys))), static=True)
+
+    def generate(self, req: api.GenerateRequest, on_text: Callable[[str], None]) -> dict[str, Any]:
+        """Run one user's request in this thread (interleaving with others per forward)."""
+        if self.tok is None:
+            raise WdmoeError("this BS has no tokenizer: it cannot serve text generation")
+        stats = RequestStats(next(self.request_ids))
+        self.thread.request = stats
+
+        def text(piece: str) -> None:
+            if stats.first_token_s is None:
+                stats.first_token_s = time.monotonic() - stats.started
+            on_text(piece)
+
+        try:
+            result = generate(
+                self.wm,
+                self.tok,
+                req.prompt,
+                max_new_tokens=req.max_new_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                chat=req.chat,
+                system=req.system,
+                on_text=text,
+                record=False,
+            )
+        finally:
+            self.thread.request = None
+            stats.wall_s = time.monotonic() - stats.started
+        stats.prompt_tokens, stats.new_tokens = result.prompt_tokens, result.new_tokens
+        summary = stats.summary() | {"text": result.text}
+        with self.stats_lock:
+            self.requests.append(summary)
+        self.event("request", **{k: v for k, v in summary.items() if k != "text"})
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        """Per-device and overall figures since the BS started."""
+        with self.stats_lock:
+            devices: list[dict[str, Any]] = []
+            for u, st in self.stats.items():
+                entry = self.registry.devices.get(u)
+                usable = entry is not None and self.registry.usable(entry)
+                address = entry.address if entry else ""
+                devices.append({"slot": u, "address": address, "usable": usable} | st.row())
+            reqs = list(self.requests)
+        calls = sum(d["calls"] for d in devices)
+        fails = sum(sum(d["failures"].values()) for d in devices)
+        return {
+            "boot": self.boot,
+            "devices": devices,
+            "requests": len(reqs),
+            "totals": {
+                "expert_calls": calls,
+                "failed_calls": fails,
+                "bytes_dl": sum(d["bytes_dl"] for d in devices),
+                "bytes_ul": sum(d["bytes_ul"] for d in devices),
+                "mean_token_measured_s": float(np.mean([r["token_measured_s"] for r in reqs]))
+                if reqs
+                else 0.0,
+                "mean_token_predicted_s": float(np.mean([r["token_predicted_s"] for r in reqs]))
+                if reqs
+                else 0.0,
+            },
+            "missing_experts": len(self.registry.missing()),
+        }
+
+    def event(self, kind: str, **values: Any) -> None:
+        """One line of the metrics log (JSON) and the Python log."""
+        log.info("%s %s", kind, values)
+        if self.log_file is not None:
+            self.log_file.write(
+                json.dumps({"event": kind, "time_s": time.time()} | values, default=str) + "\n"
+            )
+
+    def close(self) -> None:
+        self.event("summary", **self.summary())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for address in list(self.channels):
+            self.forget(address)
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+
+
+def inputs_of(calls: dict[int, list[Call]]) -> list[Call]:
+    return [c for g in calls.values() for c in g]
+
+
+# --- the gRPC face -------------------------------------------------------------------------------
+
+
+class BSService:
+    """Register / Generate / Stats handlers over a BaseStation; errors become gRPC statuses."""
+
+    def __init__(self, bs: BaseStation) -> None:
+        self.bs = bs
+
+    def register(self, request: bytes, context: Any) -> bytes:
+        try:
+            entry = self.bs.register(api.parse_registration(request))
+        except (api.ApiError, PlacementError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"registration refused: {err}")
+        reply = {"boot": self.bs.boot, "heartbeat_s": self.bs.settings.heartbeat_s, "slot": entry.slot}
+        return api.dump(reply)
+
+    def stats(self, request: bytes, context: Any) -> bytes:
+        try:
+            api.load(request, "Stats")
+        except api.ApiError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return api.dump(self.bs.summary())
+
+    def generate(self, request: bytes, context: Any) -> Iterator[bytes]:
+        """Stream the text as it is decoded, then one message with the request's metrics."""
+        try:
+            req = api.parse_generate(request)
+        except api.ApiError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        out: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def on_text(piece: str) -> None:
+            if not context.is_active():
+                raise Cancelled("the client went away")
+            if piece:
+                out.put(("text", piece))
+
+        def work() -> None:
+            try:
+                out.put(("done", self.bs.generate(req, on_text)))
+            except Cancelled:
+                out.put(("cancelled", None))
+            except WdmoeError as err:
+                out.put(("error", (grpc.StatusCode.INVALID_ARGUMENT, str(err))))
+            except Exception as err:  # a bug must reach the user as an error, not kill the server
+                log.exception("generation failed")
+                out.put(("error", (grpc.StatusCode.INTERNAL, f"generation failed: {err!r}")))
+
+        threading.Thread(target=work, name="generate", daemon=True).start()
+        while True:
+            kind, value = out.get()
+            if kind == "text":
+                yield json.dumps({"text": value}).encode()
+            elif kind == "done":
+                yield json.dumps({"done": True, "metrics": value}).encode()
+                return
+            elif kind == "cancelled":
+                return
+            else:
+                context.abort(*value)
+
+    def handlers(self) -> Any:
+        methods = {
+            "Register": grpc.unary_unary_rpc_method_handler(self.register),
+            "Stats": grpc.unary_unary_rpc_method_handler(self.stats),
+            "Generate": grpc.unary_stream_rpc_method_handler(self.generate),
+        }
+        return grpc.method_handlers_generic_handler(api.BS_SERVICE, methods)
+
+
+@dataclass
+class BSServer:
+    """A serving BS: ``address`` for devices and users; ``stop()`` ends it (and closes the BS)."""
+
+    bs: BaseStation
+    server: Any
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        self.server.stop(grace_s).wait()
+        self.bs.close()
+
+    def __enter__(self) -> "BSServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(
+    handlers: Any, token: str, host: str, port: int, tls: TLSFiles | None, workers: int = 16
+) -> tuple[Any, int]:
+    """A gRPC server with ``handlers``, the health service (SERVING) and token auth; returns
+    (server, bound port). Ports are exclusive (no SO_REUSEPORT: a second server on a port fails)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=(TokenAuth(token),),
+        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+    )
+    server.add_generic_rpc_handlers((handlers,))
+    status = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(status, server)
+    bound = add_port(server, f"{host}:{port}", tls)
+    server.start()
+    status.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+def build_bs(
+    model: str,
+    scenario: str,
+    overrides: Sequence[str],
+    settings: RuntimeSettings,
+    *,
+    token: str,
+    top_k: int | None = None,
+    tls: TLSFiles | None = None,
+    metrics_log: Path | None = None,
+) -> BaseStation:
+    """Load ``model``, keep its BS part (the experts stay only in ``fallback`` mode) and build the BS
+    on the scenario's cell, priced with the dimensions of the model that runs."""
+    from wdmoe.config import load_scenario
+    from wdmoe.models.install import install
+    from wdmoe.models.loading import load_checkpoint
+
+    cell = load_scenario(scenario, overrides)  # bad overrides fail before the model loads
+    net, tok = load_checkpoint(model)
+    wm = install(net)
+    if top_k is not None:
+        wm.set_top_k(top_k)
+    fitted = fit_scenario(cell, wm, Path(model).name if model != "default" else "default")
+    if settings.mode != "fallback":
+        wm.release_experts()
+    return BaseStation(wm, tok, fitted, settings, token=token, tls=tls, metrics_log=metrics_log)
+
+
+def serve_bs(bs: BaseStation, token: str, host: str = "127.0.0.1", port: int = 0) -> BSServer:
+    """Serve ``bs`` on host:port (loopback by default; 0 picks a free port)."""
+    server, bound = start_server(BSService(bs).handlers(), token, host, port, bs.tls)
+    return BSServer(bs, server, host, bound)

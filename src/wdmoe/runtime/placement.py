@@ -1,0 +1,128 @@
+"""Which device serves which expert: the registry of live devices and the replica choice.
+
+Devices register (and re-register every heartbeat) with their cell position ``slot`` — the index
+of their channel in the scenario — their address and the (layer, expert) pairs they host. A device
+is *usable* while its heartbeats arrive (a static entry, added without heartbeats, always is) and
+it has not failed since its last heartbeat; a static entry that failed is tried again after
+``retry_s``. Several devices may host the same expert (replicas): ``choose`` takes the usable host
+whose channel gives one token the shortest time. No maths here: the per-slot times come from the
+latency view.
+"""
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from wdmoe.errors import WdmoeError
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+
+class PlacementError(WdmoeError, ValueError):
+    """A registration that does not fit the model or the cell."""
+
+
+@dataclass
+class DeviceEntry:
+    slot: int
+    address: str
+    experts: frozenset[ExpertKey]
+    name: str
+    last_seen: float
+    static: bool = False
+    down_since: float | None = None
+    registrations: int = 1
+
+
+@dataclass
+class Registry:
+    """The devices of the cell, by slot. Thread-safe; ``clock`` is injectable for tests."""
+
+    num_slots: int
+    layers: tuple[int, ...]  # the model's MoE layer ids (decoder layer indices)
+    num_experts: int
+    heartbeat_s: float = 1.0
+    retry_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    devices: dict[int, DeviceEntry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def register(
+        self, slot: int, address: str, experts: Iterable[ExpertKey], name: str = "", static: bool = False
+    ) -> tuple[DeviceEntry, bool]:
+        """Add or refresh a device; returns (entry, came_up): came_up when it is new, moved, or back
+        after a failure (the caller then reconnects afresh)."""
+        keys = frozenset(experts)
+        if not 0 <= slot < self.num_slots:
+            raise PlacementError(f"slot {slot} is outside the cell's devices 0..{self.num_slots - 1}")
+        bad = sorted(k for k in keys if not (k[0] in self.layers and 0 <= k[1] < self.num_experts))
+        if bad:
+            raise PlacementError(
+                f"experts {bad[:5]} are not in this model (MoE layers {self.layers[0]}..{self.layers[-1]} "
+                f"× {self.num_experts} experts)"
+            )
+        now = self.clock()
+        with self.lock:
+            old = self.devices.get(slot)
+            if old is not None and old.address == address and old.experts == keys:
+                came_up = old.down_since is not None or now - old.last_seen > 3 * self.heartbeat_s
+                old.last_seen, old.down_since, old.name = now, None, name
+                old.registrations += 1
+                return old, came_up
+            entry = DeviceEntry(slot, address, keys, name, now, static)
+            self.devices[slot] = entry
+            return entry, True
+
+    def usable(self, entry: DeviceEntry, now: float | None = None) -> bool:
+        now = self.clock() if now is None else now
+        if entry.down_since is not None:
+            return entry.static and now - entry.down_since >= self.retry_s
+        return entry.static or now - entry.last_seen <= 3 * self.heartbeat_s
+
+    def mark_down(self, address: str) -> bool:
+        """A device that could not be reached; returns whether it was usable until now."""
+        now = self.clock()
+        with self.lock:
+            for entry in self.devices.values():
+                if entry.address == address and entry.down_since is None:
+                    entry.down_since = now
+                    return True
+        return False
+
+    def hosts(self, key: ExpertKey) -> list[DeviceEntry]:
+        """The usable devices hosting ``key``."""
+        now = self.clock()
+        return [d for d in self.devices.values() if key in d.experts and self.usable(d, now)]
+
+    def choose(self, key: ExpertKey, per_token_s: Any) -> DeviceEntry | None:
+        """The usable host of ``key`` whose slot serves one token fastest (``per_token_s`` [U])."""
+        hosts = self.hosts(key)
+        return min(hosts, key=lambda d: (per_token_s[d.slot], d.slot)) if hosts else None
+
+    def expert_slots(self, per_token_s: Any) -> list[int]:
+        """For the policy's view (one device per expert): per expert e, the best usable slot hosting
+        e in any layer, else any slot hosting it, else e mod U."""
+        now = self.clock()
+        slots = []
+        for e in range(self.num_experts):
+            hosting = [d for d in self.devices.values() if any(k[1] == e for k in d.experts)]
+            live = [d for d in hosting if self.usable(d, now)]
+            pool = live or hosting
+            best = min(pool, key=lambda d: (per_token_s[d.slot], d.slot)) if pool else None
+            slots.append(best.slot if best else e % self.num_slots)
+        return slots
+
+    def missing(self) -> list[ExpertKey]:
+        """(layer, expert) pairs no registered device hosts."""
+        hosted = set().union(*(d.experts for d in self.devices.values())) if self.devices else set()
+        return [(i, e) for i in self.layers for e in range(self.num_experts) if (i, e) not in hosted]
+
+    def ready(self, min_devices: int = 1) -> bool:
+        """At least ``min_devices`` usable devices and every expert hosted by one."""
+        now = self.clock()
+        live = [d for d in self.devices.values() if self.usable(d, now)]
+        return len(live) >= min_devices and not self.missing()

@@ -1,0 +1,339 @@
+"""The BS of the distributed runtime with device workers on loopback (in-process gRPC servers):
+equivalence, deadlines and modes, replicas, link emulation against the latency model,
+registration, streaming and several users, security."""
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tiny import tiny_model, tiny_tokenizer
+from wdmoe.config import load_scenario
+from wdmoe.models.install import install
+from wdmoe.models.split import split_model
+from wdmoe.runtime import api
+from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario, serve_bs
+from wdmoe.runtime.client import BSClient, BSError
+from wdmoe.runtime.cluster import round_robin, shard_key
+from wdmoe.runtime.device import RUN_EXPERT, serve
+from wdmoe.runtime.placement import DeviceEntry, Registry
+from wdmoe.runtime.security import bearer
+
+TOKEN = "bs-token"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def shards_by_family(tmp_path_factory):
+    out = {}
+    for family in ("mixtral", "qwen2_moe"):
+        folder = tmp_path_factory.mktemp(family)
+        out[family] = {shard_key(p): p for p in split_model(tiny_model(family), folder)}
+    return out
+
+
+class Lab:
+    """A BS on a tiny model and device servers in this process, all on loopback."""
+
+    def __init__(
+        self, family, by_key, devices=8, settings=None, overrides=(), replicas=1, delays=None, log=None
+    ):
+        self.ref = install(tiny_model(family))
+        wm = install(tiny_model(family))
+        cell = load_scenario("lab", [f"cell.num_devices={devices}", *overrides])
+        scenario = fit_scenario(cell, wm, family)
+        settings = settings or RuntimeSettings()
+        if settings.mode != "fallback":
+            wm.release_experts()
+        self.bs = BaseStation(wm, tiny_tokenizer(), scenario, settings, token=TOKEN, metrics_log=log)
+        self.server = serve_bs(self.bs, TOKEN)
+        self.devices = []
+        for u, keys in enumerate(round_robin(sorted(by_key), devices, replicas)):
+            d = serve([by_key[k] for k in keys], token=TOKEN, delay_s=(delays or {}).get(u, 0.0))
+            d.register(self.server.address, TOKEN, u)
+            self.devices.append(d)
+        self.client = BSClient(self.server.address, TOKEN)
+        self.client.wait_ready(devices, timeout_s=30)
+
+    @property
+    def wm(self):
+        return self.bs.wm
+
+    def close(self):
+        self.client.close()
+        for d in self.devices:
+            d.stop()
+        self.server.stop()
+
+
+@pytest.fixture
+def lab_factory(shards_by_family):
+    labs = []
+
+    def make(family="mixtral", **kwargs):
+        labs.append(Lab(family, shards_by_family[family], **kwargs))
+        return labs[-1]
+
+    yield make
+    for lab in labs:
+        lab.close()
+
+
+IDS = torch.randint(4, 120, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_distributed_logits_equal_in_process_with_8_devices(lab_factory, family):
+    lab = lab_factory(family)
+    got, want = lab.wm.model(IDS).logits, lab.ref.model(IDS).logits
+    assert (got - want).abs().max().item() <= 1e-4
+    rows = lab.bs.summary()["devices"]
+    assert all(r["calls"] > 0 and not r["failures"] for r in rows), rows
+    assert lab.wm.blocks[0].experts.gate_up_proj.numel() == 0  # the BS holds no expert weights
+
+
+def test_streamed_generation_with_metrics_and_two_users_at_once(lab_factory, tmp_path):
+    lab = lab_factory(log=tmp_path / "m.jsonl")
+    pieces = []
+    alone = lab.client.generate(api.GenerateRequest("what is the router", max_new_tokens=6), pieces.append)
+    assert len(pieces) > 1 and "".join(pieces).strip() == alone["text"].strip()
+    assert alone["new_tokens"] == 6 and alone["expert_calls"] > 0 and alone["dropped"] == 0
+    assert alone["bytes_dl"] > 0 and alone["ttft_s"] is not None and alone["forwards"] == 6
+    results = {}
+
+    def user(i: int) -> None:
+        with BSClient(lab.server.address, TOKEN) as c:
+            results[i] = c.generate(api.GenerateRequest("what is the router", max_new_tokens=6))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i]["text"] for i in range(3)] == [alone["text"]] * 3
+    assert len({results[i]["id"] for i in range(3)}) == 3
+    events = [json.loads(line)["event"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert events.count("device_up") == 8 and events.count("request") == 4
+
+
+def test_a_device_that_sleeps_past_its_deadline_is_dropped_not_waited_for(lab_factory):
+    settings = RuntimeSettings(grace_s=0.3, slack=2.0)
+    lab = lab_factory(settings=settings, delays={2: 3.0})
+    start = time.monotonic()
+    lab.wm.model(IDS[:1, :4])
+    took = time.monotonic() - start
+    assert took < 2.5, f"the BS waited {took:.2f} s for a device 3 s late"
+    row = lab.bs.summary()["devices"][2]
+    assert row["failures"].get("DEADLINE_EXCEEDED", 0) > 0 and row["usable"]  # late, not dead
+
+
+def test_wait_mode_waits_for_a_slow_device_and_matches_the_reference(lab_factory):
+    lab = lab_factory(settings=RuntimeSettings(mode="wait", max_wait_s=10.0), delays={2: 0.2})
+    ids = IDS[:1, :4]
+    assert (lab.wm.model(ids).logits - lab.ref.model(ids).logits).abs().max().item() <= 1e-4
+    assert not lab.bs.summary()["devices"][2]["failures"]
+
+
+def test_fallback_mode_runs_a_dead_devices_experts_at_the_bs(lab_factory):
+    lab = lab_factory(settings=RuntimeSettings(mode="fallback"))
+    lab.devices[5].stop()
+    got, want = lab.wm.model(IDS).logits, lab.ref.model(IDS).logits
+    assert (got - want).abs().max().item() <= 1e-4  # the local copy stands in exactly
+    row = lab.bs.summary()["devices"][5]
+    assert row["fallbacks"] > 0 and not row["usable"]
+
+
+def test_drop_mode_survives_a_dead_device_and_uses_it_again_when_it_returns(lab_factory, shards_by_family):
+    lab = lab_factory(settings=RuntimeSettings(heartbeat_s=0.2))
+    port = lab.devices[4].port
+    lab.devices[4].stop()
+    m = lab.client.generate(api.GenerateRequest("what is the router", max_new_tokens=4))
+    assert m["new_tokens"] == 4 and m["dropped"] > 0
+    assert not lab.bs.summary()["devices"][4]["usable"]
+    keys = round_robin(sorted(shards_by_family["mixtral"]), 8)[4]
+    back = serve([shards_by_family["mixtral"][k] for k in keys], port=port, token=TOKEN)
+    back.register(lab.server.address, TOKEN, 4)
+    lab.devices[4] = back
+    deadline = time.monotonic() + 10
+    while not lab.bs.summary()["devices"][4]["usable"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    calls = lab.bs.summary()["devices"][4]["answered"]
+    assert (lab.wm.model(IDS).logits - lab.ref.model(IDS).logits).abs().max().item() <= 1e-4
+    assert lab.bs.summary()["devices"][4]["answered"] > calls
+
+
+def test_replicas_the_better_channel_serves_and_the_other_takes_over(lab_factory):
+    lab = lab_factory(devices=2, replicas=2)
+    per_token = [0.5, 0.01]  # slot 1 has the better channel
+    assert lab.bs.registry.choose((0, 3), per_token).slot == 1
+    lab.wm.model(IDS)
+    rows = lab.bs.summary()["devices"]
+    assert rows[0]["calls"] + rows[1]["calls"] > 0
+    lab.devices[0].stop()
+    lab.devices[1].stop()
+    # nobody left: every expert is dropped, the forward still completes
+    out = lab.wm.model(IDS[:1, :3]).logits
+    assert torch.isfinite(out).all()
+
+
+def test_registry_prefers_live_replicas_and_retries_static_ones():
+    now = [0.0]
+    reg = Registry(3, (0, 1), 4, heartbeat_s=1.0, retry_s=2.0, clock=lambda: now[0])
+    reg.register(0, "a:1", [(0, 1), (1, 1)])
+    reg.register(2, "c:1", [(0, 1)], static=True)
+    assert reg.choose((0, 1), [0.1, 0.2, 0.05]).slot == 2
+    reg.mark_down("c:1")
+    assert reg.choose((0, 1), [0.1, 0.2, 0.05]).slot == 0
+    now[0] = 3.5  # the static entry is tried again; the registered one missed its heartbeats
+    assert reg.choose((0, 1), [0.1, 0.2, 0.05]).slot == 2
+    assert [d.slot for d in reg.hosts((1, 1))] == []
+    _, came_up = reg.register(0, "a:1", [(0, 1), (1, 1)])
+    assert came_up and reg.choose((1, 1), [0.1, 0.2, 0.05]).slot == 0
+    assert reg.missing() == [(i, e) for i in (0, 1) for e in (0, 2, 3)]
+    with pytest.raises(ValueError, match="slot 3 is outside"):
+        reg.register(3, "d:1", [(0, 0)])
+    with pytest.raises(ValueError, match="not in this model"):
+        reg.register(1, "d:1", [(5, 0)])
+    assert isinstance(reg.devices[0], DeviceEntry)
+
+
+def test_emulated_links_measured_token_latency_within_5_percent_of_the_model(lab_factory):
+    """Narrow band (20 kHz for 8 devices): each layer waits ~0.1–0.3 s on its links, so the
+    emulated delays dominate the real compute and RPCs."""
+    settings = RuntimeSettings(emulate_links=True, time_scale=1.0, slack=3.0, grace_s=0.5)
+    lab = lab_factory(settings=settings, overrides=["cell.bandwidth_hz=2e4", "mobility.speed_mps=0"])
+    m = lab.client.generate(api.GenerateRequest("what is the router", max_new_tokens=5))
+    assert m["dropped"] == 0
+    measured, predicted = m["token_measured_s"], m["token_predicted_s"]
+    assert predicted > 0.1, predicted  # the links dominate
+    assert abs(measured / predicted - 1) <= 0.05, (measured, predicted)
+
+
+def test_time_scale_runs_the_cell_faster_than_real_time(lab_factory):
+    settings = RuntimeSettings(emulate_links=True, time_scale=0.01, grace_s=0.5)
+    lab = lab_factory(settings=settings, overrides=["cell.bandwidth_hz=2e4"])
+    start = time.monotonic()
+    m = lab.client.generate(api.GenerateRequest("what is the router", max_new_tokens=4))
+    wall = time.monotonic() - start
+    simulated = m["prefill_predicted_s"] + 3 * m["token_predicted_s"]
+    assert simulated > 0.5 and wall < simulated / 3, (wall, simulated)
+    assert lab.bs.sim_time_s() > wall * 50
+
+
+def test_devices_re_register_after_the_bs_restarts(shards_by_family):
+    port = free_port()
+    by_key = shards_by_family["mixtral"]
+
+    def bs():
+        wm = install(tiny_model("mixtral"))
+        scenario = fit_scenario(load_scenario("lab", ["cell.num_devices=2"]), wm, "tiny")
+        return serve_bs(
+            BaseStation(wm, None, scenario, RuntimeSettings(heartbeat_s=0.2), token=TOKEN), TOKEN, port=port
+        )
+
+    first = bs()
+    devices = [serve([by_key[k] for k in keys], token=TOKEN) for keys in round_robin(sorted(by_key), 2)]
+    try:
+        for u, d in enumerate(devices):
+            d.register(first.address, TOKEN, u)
+        BSClient(first.address, TOKEN).wait_ready(2, timeout_s=20)
+        first.stop()
+        second = bs()
+        try:
+            BSClient(second.address, TOKEN).wait_ready(2, timeout_s=20)
+            assert second.bs.boot != first.bs.boot
+        finally:
+            second.stop()
+    finally:
+        for d in devices:
+            d.stop()
+
+
+def test_the_bs_refuses_without_token_and_rejects_bad_messages(lab_factory):
+    lab = lab_factory(devices=2)
+    with BSClient(lab.server.address, "wrong") as c:
+        with pytest.raises(BSError, match="UNAUTHENTICATED"):
+            c.generate(api.GenerateRequest("hello"))
+        with pytest.raises(BSError, match="UNAUTHENTICATED"):
+            c.stats()
+        assert c.healthy()  # health needs no token
+    channel = grpc.insecure_channel(lab.server.address)
+    try:
+        register = channel.unary_unary(api.REGISTER)
+        cases = {
+            b"not json": "not JSON",
+            json.dumps({"v": 9}).encode(): "API version 9",
+            api.dump({"slot": 7, "address": "127.0.0.1:1", "experts": [[0, 0]]}): "slot 7 is outside",
+            api.dump({"slot": 0, "address": "nowhere", "experts": [[0, 0]]}): "HOST:PORT",
+            api.dump({"slot": 0, "address": "127.0.0.1:1", "experts": [[0, 99]]}): "not in this model",
+        }
+        for body, message in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                register(body, metadata=bearer(TOKEN), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+        generate = channel.unary_stream(api.GENERATE)
+        with pytest.raises(grpc.RpcError) as info:
+            list(generate(api.dump({"prompt": "x", "max_new_tokens": 0}), metadata=bearer(TOKEN), timeout=5))
+        assert (
+            info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens" in info.value.details()
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(generate(api.dump({"prompt": "   "}), metadata=bearer(TOKEN), timeout=5))
+        assert (
+            info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and "prompt is empty" in info.value.details()
+        )
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        channel.close()
+    device = lab.devices[0]
+    with grpc.insecure_channel(device.address) as ch:
+        run = ch.unary_unary(RUN_EXPERT)
+        with pytest.raises(grpc.RpcError) as info:
+            run(b"WDMO" + b"\x00" * (65 * 2**20), metadata=bearer(TOKEN), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as info:
+            run(b"WDMO\x02\x00\x01\x00", metadata=bearer(TOKEN), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version 2" in info.value.details()
+    # the BS still serves after all that
+    assert lab.client.generate(api.GenerateRequest("hello", max_new_tokens=2))["new_tokens"] == 2
+
+
+def test_runtime_settings_are_validated():
+    with pytest.raises(ValueError, match="mode"):
+        RuntimeSettings(mode="hope")
+    with pytest.raises(ValueError, match="time_scale"):
+        RuntimeSettings(time_scale=0)
+    with pytest.raises(ValueError, match="wire_dtype"):
+        RuntimeSettings(wire_dtype="int8")
+
+
+def test_bfloat16_wire_halves_the_bytes_and_stays_close(lab_factory):
+    lab = lab_factory(settings=RuntimeSettings(wire_dtype="bfloat16"))
+    got, want = lab.wm.model(IDS).logits, lab.ref.model(IDS).logits
+    assert (got - want).abs().max().item() < 0.05
+    rows = lab.bs.summary()["devices"]
+    assert lab.bs.scenario.wire.bits_per_element == 16
+    assert sum(r["bytes_dl"] for r in rows) > 0
+
+
+def test_metrics_log_is_json_lines(tmp_path, lab_factory):
+    log = tmp_path / "metrics.jsonl"
+    lab = lab_factory(devices=2, log=log)
+    lab.client.generate(api.GenerateRequest("hello", max_new_tokens=2))
+    lab.close()
+    lines = [json.loads(x) for x in Path(log).read_text().splitlines()]
+    assert lines[-1]["event"] == "summary" and lines[-1]["totals"]["expert_calls"] > 0
