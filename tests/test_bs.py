@@ -23,7 +23,7 @@ from wdmoe.runtime.client import BSClient, BSError
 from wdmoe.runtime.cluster import round_robin, shard_key
 from wdmoe.runtime.device import RUN_EXPERT, serve
 from wdmoe.runtime.placement import DeviceEntry, Registry
-from wdmoe.runtime.security import bearer
+from wdmoe.runtime.security import TLSFiles, bearer, make_test_pki
 
 TOKEN = "bs-token"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,7 +48,16 @@ class Lab:
     """A BS on a tiny model and device servers in this process, all on loopback."""
 
     def __init__(
-        self, family, by_key, devices=8, settings=None, overrides=(), replicas=1, delays=None, log=None
+        self,
+        family,
+        by_key,
+        devices=8,
+        settings=None,
+        overrides=(),
+        replicas=1,
+        delays=None,
+        log=None,
+        tls=None,
     ):
         self.ref = install(tiny_model(family))
         wm = install(tiny_model(family))
@@ -57,14 +66,14 @@ class Lab:
         settings = settings or RuntimeSettings()
         if settings.mode != "fallback":
             wm.release_experts()
-        self.bs = BaseStation(wm, tiny_tokenizer(), scenario, settings, token=TOKEN, metrics_log=log)
+        self.bs = BaseStation(wm, tiny_tokenizer(), scenario, settings, token=TOKEN, metrics_log=log, tls=tls)
         self.server = serve_bs(self.bs, TOKEN)
         self.devices = []
         for u, keys in enumerate(round_robin(sorted(by_key), devices, replicas)):
-            d = serve([by_key[k] for k in keys], token=TOKEN, delay_s=(delays or {}).get(u, 0.0))
-            d.register(self.server.address, TOKEN, u)
+            d = serve([by_key[k] for k in keys], token=TOKEN, delay_s=(delays or {}).get(u, 0.0), tls=tls)
+            d.register(self.server.address, TOKEN, u, tls=tls)
             self.devices.append(d)
-        self.client = BSClient(self.server.address, TOKEN)
+        self.client = BSClient(self.server.address, TOKEN, tls)
         self.client.wait_ready(devices, timeout_s=30)
 
     @property
@@ -337,3 +346,20 @@ def test_metrics_log_is_json_lines(tmp_path, lab_factory):
     lab.close()
     lines = [json.loads(x) for x in Path(log).read_text().splitlines()]
     assert lines[-1]["event"] == "summary" and lines[-1]["totals"]["expert_calls"] > 0
+
+
+def test_mutual_tls_between_bs_devices_and_users(lab_factory, tmp_path):
+    pki = make_test_pki(tmp_path / "pki")
+    node = TLSFiles(pki["node_cert"], pki["node_key"], pki["ca"])
+    lab = lab_factory(devices=2, tls=node)
+    assert (lab.wm.model(IDS).logits - lab.ref.model(IDS).logits).abs().max().item() <= 1e-4
+    user = TLSFiles(pki["client_cert"], pki["client_key"], pki["ca"])
+    with BSClient(lab.server.address, TOKEN, user) as c:
+        assert c.generate(api.GenerateRequest("hello", max_new_tokens=2))["new_tokens"] == 2
+    for stranger in (
+        None,  # plaintext to a TLS port
+        TLSFiles(None, None, pki["ca"]),  # no client certificate
+        TLSFiles(pki["other_client_cert"], pki["other_client_key"], pki["ca"]),  # signed by another CA
+    ):
+        with BSClient(lab.server.address, TOKEN, stranger) as c, pytest.raises(BSError):
+            c.stats(timeout_s=5)

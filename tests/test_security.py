@@ -91,7 +91,7 @@ def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
 
 
 def test_make_test_pki_writes_pem_files(pki: dict[str, Path]) -> None:
-    expected = {"ca", "server_cert", "server_key", "client_cert", "client_key"}
+    expected = {"ca", "server_cert", "server_key", "client_cert", "client_key", "node_cert", "node_key"}
     expected |= {"other_ca", "other_client_cert", "other_client_key"}
     assert set(pki) == expected
     for name, path in pki.items():

@@ -141,7 +141,7 @@ def serve_bs_cmd(
         server = serve_bs(bs, secret, host, port)
     except (WdmoeError, OSError) as e:
         raise _fail(e) from e
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_signals()
     err.print(
         f"BS listening on {server.address} · {model} · {len(bs.wm.blocks)} MoE layers × {bs.wm.num_experts} "
         f"experts · cell {scenario} with {bs.num_slots} device slots · policy {policy} · mode {mode}"
@@ -157,12 +157,22 @@ def serve_bs_cmd(
         print_summary(summary)
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT (even where a background launch ignores it) end the server cleanly."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def device_cmd(ctx: typer.Context) -> None:
     """Run a device worker (flags: --bs HOST:PORT --slot U --shards F… [--port --host --advertise
     --token --tls-cert --tls-key --tls-ca --inject-delay-ms]; `wdmoe device --help` lists them)."""
     from wdmoe.runtime.device import main
 
-    main(ctx.args)
+    main(ctx.args, prog="wdmoe device")
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ from wdmoe.channel import ChannelState, generate_trace
 from wdmoe.config import ModelConfig, ScenarioConfig, WireConfig, check_choice, check_range
 from wdmoe.errors import WdmoeError
 from wdmoe.generate import generate
-from wdmoe.latency import bs_seconds, lm_head_flops, transfer_s
+from wdmoe.latency import DeviceTimes, bs_seconds, lm_head_flops, transfer_s
 from wdmoe.models.install import WirelessModel
 from wdmoe.policies import make_policy
 from wdmoe.policies.costs import ExpertLatency, bs_estimate
@@ -121,6 +121,9 @@ class DeviceStats:
     compute_s: float = 0.0
     measured_s: float = 0.0
     predicted_s: float = 0.0
+    predicted_dl_s: float = 0.0
+    predicted_compute_s: float = 0.0
+    predicted_ul_s: float = 0.0
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
@@ -388,7 +391,7 @@ class BaseStation:
         predicted = float(np.max(np.where(busy, true.total_s, 0.0), initial=0.0))
         fwd.predicted_s += predicted
         measured = (time.monotonic() - start) / s.time_scale
-        return self.finish(layer, fwd, calls, lost, true.total_s, measured)
+        return self.finish(layer, fwd, calls, lost, true, measured)
 
     def direct(self, calls: list[Call], budget: np.ndarray) -> None:
         """Without link emulation: every call at once, each under its device's deadline."""
@@ -448,7 +451,7 @@ class BaseStation:
         fwd: Forward,
         calls: dict[int, list[Call]],
         lost: list[Call],
-        predicted_u: np.ndarray,
+        predicted: DeviceTimes,
         measured_s: float,
     ) -> dict[int, torch.Tensor]:
         """Outputs, fallbacks, down-marking and the books."""
@@ -458,7 +461,10 @@ class BaseStation:
         with self.stats_lock:
             for u, group in calls.items():
                 st = self.stats[u]
-                st.predicted_s += float(predicted_u[u])
+                st.predicted_s += float(predicted.total_s[u])
+                st.predicted_dl_s += float(predicted.downlink_s[u])
+                st.predicted_compute_s += float(predicted.compute_s[u])
+                st.predicted_ul_s += float(predicted.uplink_s[u])
                 st.measured_s += measured_s
                 for c in group:
                     st.calls += 1

@@ -14,6 +14,7 @@ import argparse
 import hmac
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -250,8 +251,8 @@ def serve(
     return DeviceServer(worker, server, host, bound)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m wdmoe.runtime.device", description="wdmoe device worker")
+def main(argv: Sequence[str] | None = None, prog: str = "python -m wdmoe.runtime.device") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="wdmoe device worker")
     parser.add_argument("--shards", nargs="+", type=Path, required=True, help="expert shard files to host")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
@@ -283,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"device listening on {device.address}, hosting {device.hosted}", flush=True)
     if args.bs:
         device.register(args.bs, args.token, args.slot, args.advertise, tls, args.name)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly (deregister, close)
     try:
         device.server.wait_for_termination()
     except KeyboardInterrupt:

@@ -200,9 +200,11 @@ def _refusal(
 def make_test_pki(folder: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
     """A throwaway CA plus server and client certificates (EC P-256, valid 1 day), PEM files in ``folder``.
 
-    Keys of the result: 'ca', 'server_cert', 'server_key', 'client_cert', 'client_key', and
-    'other_ca', 'other_client_cert', 'other_client_key' (a second, untrusted CA and a client it
-    signs). The server certificate names ``hosts`` (IP addresses as such, others as DNS names).
+    Keys of the result: 'ca', 'server_cert', 'server_key', 'client_cert', 'client_key', 'node_cert',
+    'node_key' (a runtime node — the BS or a device — is a server and a client at once: both
+    usages), and 'other_ca', 'other_client_cert', 'other_client_key' (a second, untrusted CA and a
+    client it signs). Server and node certificates name ``hosts`` (IP addresses as such, others as
+    DNS names).
     For tests and trials only: real clusters should use their own CA.
     """
     from cryptography.hazmat.primitives import serialization
@@ -223,9 +225,17 @@ def make_test_pki(folder: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"
     other_ca = _issue("wdmoe untrusted test CA", None, None, ca=True)
     server = _issue("wdmoe test server", ca, ExtendedKeyUsageOID.SERVER_AUTH, hosts)
     client = _issue("wdmoe test client", ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+    node = _issue(
+        "wdmoe test node", ca, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], hosts
+    )
     other_client = _issue("wdmoe untrusted client", other_ca, ExtendedKeyUsageOID.CLIENT_AUTH)
     files = {"ca": write("ca", *ca)[0], "other_ca": write("other_ca", *other_ca)[0]}
-    for name, pair in (("server", server), ("client", client), ("other_client", other_client)):
+    for name, pair in (
+        ("server", server),
+        ("client", client),
+        ("node", node),
+        ("other_client", other_client),
+    ):
         files[f"{name}_cert"], files[f"{name}_key"] = write(name, *pair)
     return files
 
@@ -280,7 +290,8 @@ def _issue(
         )
         builder = builder.add_extension(usage_ext, critical=True)
     else:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        usages = usage if isinstance(usage, list) else [usage]
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     if hosts:
         names = [_san(host) for host in hosts]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
