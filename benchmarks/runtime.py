@@ -48,7 +48,8 @@ from wdmoe.models.split import split_model
 from wdmoe.runtime.bs import BaseStation, BSServer, RuntimeSettings, fit_scenario, serve_bs
 from wdmoe.runtime.client import BSClient
 from wdmoe.runtime.cluster import Cluster, round_robin, shard_key
-from wdmoe.runtime.device import DeviceServer, serve
+from wdmoe.runtime.device import GRPC_OPTIONS, RUN_EXPERT, DeviceServer, serve
+from wdmoe.runtime.security import open_channel
 from wdmoe.runtime.wire import ExpertRequest, encode
 
 DEVICES = 8
@@ -95,8 +96,11 @@ def decode_inputs(wm: WirelessModel, tokens: int, gen: torch.Generator) -> list[
     return [[one_layer() for _ in layers] for _ in range(tokens)]
 
 
-def time_token(run: Dispatch, per_layer: list[Inputs], bs: BaseStation | None) -> tuple[list[float], float]:
-    """Seconds per layer for one token's layers, and the forward's snapshot cost (0 without a BS)."""
+def time_token(
+    run: Dispatch, per_layer: list[Inputs], bs: BaseStation | None, cpu: list[float] | None = None
+) -> tuple[list[float], float]:
+    """Seconds per layer for one token's layers, and the forward's snapshot cost (0 without a BS);
+    ``cpu`` collects this process's CPU seconds per layer (all its threads)."""
     snapshot_s = 0.0
     if bs is not None:  # what the wrapped forward does once per forward
         start = time.perf_counter()
@@ -105,9 +109,11 @@ def time_token(run: Dispatch, per_layer: list[Inputs], bs: BaseStation | None) -
     times = []
     try:
         for layer, inputs in enumerate(per_layer):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             outputs = run(layer, inputs)
             times.append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.append(time.process_time() - cpu_start)
             assert sorted(outputs) == sorted(inputs), (layer, sorted(outputs), sorted(inputs))
     finally:
         if bs is not None:
@@ -129,27 +135,29 @@ def rpc_floor_ms(bs: BaseStation, hidden: int, calls: int = 50) -> float:
     the transport's own round trip, without the BS's planning and fan-out."""
     entry = bs.registry.choose((0, 0), np.ones(bs.num_slots))
     assert entry is not None, "no device hosts layer 0 expert 0"
-    stub, x = bs.stub(entry.address), torch.randn(1, hidden)
+    channel = open_channel(entry.address, None, GRPC_OPTIONS)
+    stub, x = channel.unary_unary(RUN_EXPERT), torch.randn(1, hidden)
     times = []
     for i in range(calls + 1):
         frame = encode(ExpertRequest(0, 0, x, i, 5.0))
         start = time.perf_counter()
         stub(frame, timeout=5.0, metadata=bs.metadata)
         times.append(time.perf_counter() - start)
+    channel.close()
     return 1e3 * statistics.median(times[1:])
 
 
 def record_fan_out(bs: BaseStation, into: list[float]) -> None:
-    """Record the seconds of every ``bs.direct`` (send all calls, gather the answers) in ``into``:
+    """Record the seconds of every ``bs.fan_out`` (send all calls, gather the answers) in ``into``:
     the rest of a layer's time is the BS's planning and book-keeping."""
-    inner = bs.direct
+    inner = bs.fan_out
 
-    def direct(calls: Any, budget: Any) -> None:
+    def fan_out(*args: Any) -> None:
         start = time.perf_counter()
-        inner(calls, budget)
+        inner(*args)
         into.append(time.perf_counter() - start)
 
-    bs.direct = direct  # type: ignore[method-assign]
+    bs.fan_out = fan_out  # type: ignore[method-assign]
 
 
 def layer_overhead(
@@ -164,9 +172,10 @@ def layer_overhead(
             record_fan_out(bs, fan_out[name])
     ms: dict[str, list[float]] = {name: [] for name in variants}
     snapshot_ms: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_s: dict[str, list[float]] = {name: [] for name in variants}
     for per_layer in inputs:
         for name, (run, bs) in variants.items():
-            times, snap = time_token(run, per_layer, bs)
+            times, snap = time_token(run, per_layer, bs, cpu_s[name])
             ms[name] += [1e3 * t for t in times]
             snapshot_ms[name].append(1e3 * snap)
     local = np.array(ms["local"])
@@ -180,6 +189,8 @@ def layer_overhead(
             "overhead_ms_median": float(np.median(over)),
             "overhead_ms_p90": float(np.percentile(over, 90)),
             "forward_snapshot_ms_median": float(np.median(snapshot_ms[name])),
+            # this process's CPU per layer: the BS's own cost where devices are other processes
+            "process_cpu_ms_median": float(np.median(1e3 * np.array(cpu_s[name]))),
             "samples": len(values),
         }
         if name in fan_out:
@@ -250,7 +261,7 @@ def one_shard_worker(shard: Path) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\nper-layer fan-out/fan-in, {DEVICES} devices, top-7, 1 token per expert (goal: overhead < 1 ms)")
-    head = ("layer med", "p90", "overhead med", "p90", "fan-out", "BS rest", "1 RPC", "snapshot")
+    head = ("layer med", "p90", "overhead med", "p90", "fan-out", "BS rest", "1 RPC", "snapshot", "proc CPU")
     print(f"  {'variant (ms)':<20}" + "".join(f"{h:>13}" for h in head))
     keys: tuple[str, ...] = (
         "layer_ms_median",
@@ -259,11 +270,12 @@ def print_table(result: dict[str, Any]) -> None:
         "overhead_ms_p90",
         "fan_out_ms_median",
     )
-    keys += ("bs_rest_ms_median", "rpc_floor_ms", "forward_snapshot_ms_median")
+    keys += ("bs_rest_ms_median", "rpc_floor_ms", "forward_snapshot_ms_median", "process_cpu_ms_median")
     for name, r in result["layer"].items():
         print(f"  {name:<20}" + "".join(f"{r[k]:>13.3f}" if k in r else f"{'-':>13}" for k in keys))
     print("  (fan-out: send all calls + gather; BS rest: planning and book-keeping; 1 RPC: one blocking")
-    print("   RunExpert round trip; snapshot: begin_forward, once per forward, not per layer)")
+    print("   RunExpert round trip; snapshot: begin_forward, once per forward, not per layer;")
+    print("   proc CPU: this process's CPU per layer — the BS's own cost where devices are processes)")
     print(
         f"\ndecode tokens/s, {result['new_tokens']} new tokens greedy, {result['rounds']} rounds (goal ≥ 0.5)"
     )

@@ -20,6 +20,7 @@ Forwards run one at a time (a lock): several users' requests interleave token by
 standard health service, all but health behind the shared token (optionally mutual TLS).
 """
 
+import asyncio
 import functools
 import itertools
 import json
@@ -277,10 +278,9 @@ class BaseStation:
         self.thread = threading.local()
         self.ids = itertools.count(1)
         self.request_ids = itertools.count(1)
-        self.channels: dict[str, grpc.Channel] = {}
-        self.pool = futures.ThreadPoolExecutor(
-            max_workers=max(4, 2 * self.num_slots), thread_name_prefix="link"
-        )
+        self.channels: dict[str, Any] = {}  # grpc.aio channels, used on self.loop only
+        self.loop = asyncio.new_event_loop()  # all device calls and emulated delays run here
+        threading.Thread(target=self.loop.run_forever, name="bs-links", daemon=True).start()
         self.log_file = open(metrics_log, "a", buffering=1) if metrics_log else None  # noqa: SIM115
         wm.set_dispatcher(self)
         self._wrap_forward()
@@ -376,72 +376,59 @@ class BaseStation:
         budget = np.where(np.isfinite(budget), budget, s.max_wait_s)
         if s.mode == "wait":
             budget = np.full(self.num_slots, s.max_wait_s)
+        dl = np.zeros(self.num_slots)
+        ul = np.zeros(self.num_slots)
         if s.emulate_links:
             dl = s.time_scale * transfer_s(8 * bytes_dl, fwd.true.dl.rate_bps(view.bandwidth_hz))
             ul = s.time_scale * transfer_s(8 * bytes_ul, fwd.true.ul.rate_bps(view.bandwidth_hz))
-            jobs = [
-                self.pool.submit(self.emulated, g, float(dl[u]), float(ul[u]), float(budget[u]))
-                for u, g in calls.items()
-            ]
-            for job in jobs:
-                job.result()
-        else:
-            self.direct([c for g in calls.values() for c in g], budget)
+        self.fan_out(calls, dl, ul, budget)
         busy = tokens > 0
         predicted = float(np.max(np.where(busy, true.total_s, 0.0), initial=0.0))
         fwd.predicted_s += predicted
         measured = (time.monotonic() - start) / s.time_scale
         return self.finish(layer, fwd, calls, lost, true, measured)
 
-    def direct(self, calls: list[Call], budget: np.ndarray) -> None:
-        """Without link emulation: every call at once, each under its device's deadline."""
-        pending = [(c, self.send(c, float(budget[c.device.slot]))) for c in calls]
-        for c, future in pending:
-            self.receive(c, future)
+    def fan_out(
+        self, calls: dict[int, list[Call]], dl: np.ndarray, ul: np.ndarray, budget: np.ndarray
+    ) -> None:
+        """Every device's calls at once on the event loop; returns when all are answered or late."""
+        jobs = [self.device_job(g, float(dl[u]), float(ul[u]), float(budget[u])) for u, g in calls.items()]
+        if jobs:
+            asyncio.run_coroutine_threadsafe(gather(jobs), self.loop).result()
 
-    def emulated(self, group: list[Call], dl_s: float, ul_s: float, budget_s: float) -> None:
-        """One device's calls through its emulated link: downlink delay, the calls, uplink delay —
+    async def device_job(self, group: list[Call], dl_s: float, ul_s: float, budget_s: float) -> None:
+        """One device's calls through its (emulated) link: downlink delay, the calls, uplink delay —
         never past ``budget_s`` from now (a late answer is a miss, as on a real link)."""
-        deadline = time.monotonic() + budget_s
-        if dl_s >= budget_s:
-            time.sleep(budget_s)
-            return self.miss(group, f"the emulated downlink alone takes {dl_s:.3f} s, past the deadline")
-        time.sleep(dl_s)
-        pending = [(c, self.send(c, deadline - time.monotonic())) for c in group]
-        for c, future in pending:
-            self.receive(c, future)
-        left = deadline - time.monotonic()
-        if ul_s > left:
-            time.sleep(max(left, 0.0))
-            return self.miss(
-                [c for c in group if c.outputs is not None], "the emulated uplink ends past the deadline"
-            )
-        time.sleep(ul_s)
-        return None
+        deadline = self.loop.time() + budget_s
+        try:
+            async with asyncio.timeout(budget_s):
+                if dl_s > 0:
+                    await asyncio.sleep(dl_s)
+                await gather([self.call(c, deadline - self.loop.time()) for c in group])
+                if ul_s > 0 and any(c.outputs is not None for c in group):
+                    await asyncio.sleep(ul_s)
+        except TimeoutError:
+            late = "the device's link or answer ended past the deadline"
+            for c in group:
+                if c.outputs is not None or not c.code:
+                    c.outputs, c.code, c.message = None, "DEADLINE_EXCEEDED", late
 
-    def miss(self, group: list[Call], message: str) -> None:
-        for c in group:
-            c.outputs, c.code, c.message = None, "DEADLINE_EXCEEDED", message
-
-    def send(self, c: Call, timeout_s: float) -> Any:
+    async def call(self, c: Call, timeout_s: float) -> None:
+        """One RunExpert call; its outcome is written into ``c`` (never raises for the device)."""
         timeout_s = max(timeout_s, 1e-3)
         req = ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
-        return self.stub(c.device.address).future(encode(req), timeout=timeout_s, metadata=self.metadata)
-
-    def receive(self, c: Call, future: Any) -> None:
         try:
-            resp = decode_response(future.result())
-        except grpc.RpcError as err:
+            reply = await self.stub(c.device.address)(encode(req), timeout=timeout_s, metadata=self.metadata)
+            resp = decode_response(reply)
+        except grpc.RpcError as err:  # grpc.aio.AioRpcError
             c.code, c.message = err.code().name, str(err.details())
             return
         except WireError as err:
             c.code, c.message = "WIRE", str(err)
             return
         if resp.outputs.shape != c.hidden.shape:
-            c.code, c.message = (
-                "WIRE",
-                f"outputs {list(resp.outputs.shape)} for hidden {list(c.hidden.shape)}",
-            )
+            c.code = "WIRE"
+            c.message = f"outputs {list(resp.outputs.shape)} for hidden {list(c.hidden.shape)}"
             return
         c.outputs, c.compute_s = resp.outputs.to(c.hidden.dtype), resp.compute_s
 
@@ -511,16 +498,22 @@ class BaseStation:
     # --- channels to devices ------------------------------------------------------------------
 
     def stub(self, address: str) -> Any:
+        """RunExpert on ``address`` (on the BS's event loop; one channel per device, reused)."""
         channel = self.channels.get(address)
         if channel is None:
-            channel = self.channels[address] = open_channel(address, self.tls, GRPC_OPTIONS)
+            channel = self.channels[address] = open_channel(address, self.tls, GRPC_OPTIONS, aio=True)
         return channel.unary_unary(RUN_EXPERT)
 
     def forget(self, address: str) -> None:
         """Close the channel to ``address``: the next call connects afresh (no reconnect back-off)."""
-        channel = self.channels.pop(address, None)
-        if channel is not None:
-            channel.close()
+
+        async def drop() -> None:
+            channel = self.channels.pop(address, None)
+            if channel is not None:
+                await channel.close()
+
+        if not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(drop(), self.loop).result(timeout=10)
 
     # --- devices, users, metrics ----------------------------------------------------------------
 
@@ -617,10 +610,16 @@ class BaseStation:
             )
 
     def close(self) -> None:
+        """Write the summary, close the device channels and stop the event loop (idempotent)."""
+        if self.loop.is_closed():
+            return
         self.event("summary", **self.summary())
-        self.pool.shutdown(wait=False, cancel_futures=True)
         for address in list(self.channels):
             self.forget(address)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        while self.loop.is_running():
+            time.sleep(0.001)
+        self.loop.close()
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
@@ -628,6 +627,10 @@ class BaseStation:
 
 def inputs_of(calls: dict[int, list[Call]]) -> list[Call]:
     return [c for g in calls.values() for c in g]
+
+
+async def gather(jobs: list[Any]) -> None:
+    await asyncio.gather(*jobs)
 
 
 # --- the gRPC face -------------------------------------------------------------------------------

@@ -127,14 +127,18 @@ def add_port(server: grpc.Server, address: str, tls: TLSFiles | None) -> int:
     return port
 
 
-def open_channel(address: str, tls: TLSFiles | None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A channel to ``address``: plaintext when ``tls`` is None, else TLS (mutual when it has cert/key)."""
+def open_channel(
+    address: str, tls: TLSFiles | None, options: Sequence[tuple[str, Any]] = (), aio: bool = False
+) -> Any:
+    """A channel to ``address``: plaintext when ``tls`` is None, else TLS (mutual when it has cert/key).
+    ``aio``: a grpc.aio channel (create it on the event loop that will use it)."""
+    api = grpc.aio if aio else grpc
     if tls is None:
-        return grpc.insecure_channel(address, options=list(options))
+        return api.insecure_channel(address, options=list(options))
     opts = list(options)
     if tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.secure_channel(address, channel_credentials(tls), options=opts)
+    return api.secure_channel(address, channel_credentials(tls), options=opts)
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:
