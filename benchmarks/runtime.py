@@ -48,8 +48,9 @@ from wdmoe.models.split import split_model
 from wdmoe.runtime.bs import BaseStation, BSServer, RuntimeSettings, fit_scenario, serve_bs
 from wdmoe.runtime.client import BSClient
 from wdmoe.runtime.cluster import Cluster, round_robin, shard_key
-from wdmoe.runtime.device import GRPC_OPTIONS, RUN_EXPERT, DeviceServer, serve
+from wdmoe.runtime.device import RUN_EXPERT, DeviceServer, serve
 from wdmoe.runtime.security import open_channel
+from wdmoe.runtime.server import GRPC_OPTIONS
 from wdmoe.runtime.wire import ExpertRequest, encode
 
 DEVICES = 8

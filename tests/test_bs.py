@@ -363,3 +363,44 @@ def test_mutual_tls_between_bs_devices_and_users(lab_factory, tmp_path):
     ):
         with BSClient(lab.server.address, TOKEN, stranger) as c, pytest.raises(BSError):
             c.stats(timeout_s=5)
+
+
+def test_a_device_worker_does_not_import_the_model_code():
+    """A worker on a board holds torch, gRPC and its shards: not transformers, scipy or the BS."""
+    import subprocess
+    import sys
+
+    heavy = "{'transformers', 'scipy', 'wdmoe.runtime.bs'}"
+    code = f"import sys, wdmoe.runtime.device; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_cli_generate_at_a_bs_and_serve_bs_input_errors(lab_factory, monkeypatch):
+    from typer.testing import CliRunner
+
+    from wdmoe.cli import app
+
+    lab = lab_factory(devices=2)
+    runner = CliRunner()
+    monkeypatch.setenv("WDMOE_TOKEN", TOKEN)
+    ok = runner.invoke(
+        app, ["generate", "--bs", lab.server.address, "what is the router", "--max-new-tokens", "3"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "3 new tok" in ok.output and "dropped" in ok.output
+    bad = runner.invoke(app, ["generate", "--bs", lab.server.address, "hi", "--token", "nope"])
+    assert bad.exit_code == 2 and "UNAUTHENTICATED" in bad.output
+    monkeypatch.delenv("WDMOE_TOKEN")
+    cases = {
+        ("serve-bs",): "no token",
+        ("serve-bs", "--token", "t", "--mode", "hope"): "mode = 'hope'",
+        ("serve-bs", "--token", "t", "--set", "cell.bandwidth_hz=-1"): "cell.bandwidth_hz",
+        ("serve-bs", "--token", "t", "--policy", "nope"): "unknown policy",
+        ("serve-bs", "--token", "t", "--tls-cert", "/nonexistent.pem"): "TLS",
+    }
+    for args, says in cases.items():
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 2 and says in result.output, (args, result.output)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.activations import ACT2FN
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,26 @@ def expert_forward(gate_up: torch.Tensor, down: torch.Tensor, act: Callable, x: 
     return F.linear(act(gate) * up, down)
 
 
+LIGHT_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation called ``name`` as transformers defines it; the common ones without importing
+    transformers (a device worker stays small: its import costs ~120 MB and seconds on a board)."""
+    if name in LIGHT_ACTIVATIONS:
+        return LIGHT_ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]  # type: ignore[no-any-return]
+
+
 def run_expert(weights: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     """Run a standalone expert on x [n, D] → [n, D]."""
-    return expert_forward(weights.gate_up, weights.down, ACT2FN[weights.act], x)
+    return expert_forward(weights.gate_up, weights.down, activation(weights.act), x)
 
 
 class FusedExperts(nn.Module):
@@ -46,7 +62,7 @@ class FusedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
         self.act_name = act
-        self.act_fn = ACT2FN[act]
+        self.act_fn = activation(act)
 
     def expert(self, e: int) -> ExpertWeights:
         return ExpertWeights(self.gate_up_proj[e].detach(), self.down_proj[e].detach(), self.act_name)

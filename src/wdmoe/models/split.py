@@ -15,9 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from wdmoe.errors import ModelNotFoundError
-from wdmoe.models.adapters import moe_blocks
 from wdmoe.models.experts import ExpertWeights
 from wdmoe.types import CausalLM
+
+# wdmoe.models.adapters (model code) is imported where a whole model is split or filled, so that a
+# device worker, which only reads shards, does not load it.
 
 EXPERT_PARAMS = (".experts.gate_up_proj", ".experts.down_proj")
 BS_FILE = "bs.safetensors"
@@ -39,6 +41,8 @@ def is_expert_param(name: str) -> bool:
 
 def expert_shard(model: CausalLM, layer: int, expert: int) -> ExpertWeights:
     """The weights of one expert, copied out of the fused tensors."""
+    from wdmoe.models.adapters import moe_blocks
+
     experts = dict(moe_blocks(model))[layer].experts
     return ExpertWeights(
         experts.gate_up_proj[expert].detach().clone(),
@@ -73,6 +77,8 @@ def load_expert_shard(path: Path) -> tuple[ShardId, ExpertWeights]:
 
 def split_model(model: CausalLM, folder: Path) -> list[Path]:
     """Write ``bs.safetensors`` (+ config.json) and one shard per (layer, expert); return the shards."""
+    from wdmoe.models.adapters import moe_blocks
+
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     bs = {k: v.detach().contiguous() for k, v in state.items() if not is_expert_param(k)}
@@ -115,6 +121,8 @@ def tied_names(model: CausalLM) -> set[str]:
 
 def load_shards_into(model: CausalLM, paths: Iterable[Path]) -> None:
     """Copy expert shards back into the fused expert tensors of ``model``."""
+    from wdmoe.models.adapters import moe_blocks
+
     blocks = dict(moe_blocks(model))
     with torch.no_grad():
         for path in paths:

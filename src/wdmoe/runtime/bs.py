@@ -31,7 +31,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent import futures
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from transformers import PreTrainedTokenizerBase
 
 from wdmoe.allocation import make_allocator
@@ -52,9 +50,10 @@ from wdmoe.models.install import WirelessModel
 from wdmoe.policies import make_policy
 from wdmoe.policies.costs import ExpertLatency, bs_estimate
 from wdmoe.runtime import api
-from wdmoe.runtime.device import GRPC_OPTIONS, RUN_EXPERT
+from wdmoe.runtime.device import RUN_EXPERT
 from wdmoe.runtime.placement import DeviceEntry, ExpertKey, PlacementError, Registry
-from wdmoe.runtime.security import TLSFiles, TokenAuth, add_port, bearer, open_channel
+from wdmoe.runtime.security import TLSFiles, bearer, open_channel
+from wdmoe.runtime.server import GRPC_OPTIONS, start_server
 from wdmoe.runtime.wire import (
     DTYPES,
     KIND_RESPONSE,
@@ -726,25 +725,6 @@ class BSServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def start_server(
-    handlers: Any, token: str, host: str, port: int, tls: TLSFiles | None, workers: int = 16
-) -> tuple[Any, int]:
-    """A gRPC server with ``handlers``, the health service (SERVING) and token auth; returns
-    (server, bound port). Ports are exclusive (no SO_REUSEPORT: a second server on a port fails)."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers),
-        interceptors=(TokenAuth(token),),
-        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
-    )
-    server.add_generic_rpc_handlers((handlers,))
-    status = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(status, server)
-    bound = add_port(server, f"{host}:{port}", tls)
-    server.start()
-    status.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
 
 
 def build_bs(

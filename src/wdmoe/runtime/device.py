@@ -29,16 +29,13 @@ from wdmoe.models.experts import ExpertWeights, run_expert
 from wdmoe.models.split import load_expert_shard
 from wdmoe.runtime import api
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
-from wdmoe.runtime.wire import MAX_MESSAGE_BYTES, ExpertResponse, WireError, decode_request, encode
+from wdmoe.runtime.server import start_server
+from wdmoe.runtime.wire import ExpertResponse, WireError, decode_request, encode
 
 log = logging.getLogger("wdmoe.device")
 
 SERVICE = "wdmoe.Device"
 RUN_EXPERT = f"/{SERVICE}/RunExpert"
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -244,8 +241,6 @@ def serve(
     delay_s: float = 0.0,
 ) -> DeviceServer:
     """Load ``shards`` and start serving on host:port (0 picks a free port); returns once listening."""
-    from wdmoe.runtime.bs import start_server  # the BS and the devices share one server recipe
-
     worker = DeviceWorker.from_shards(shards, token, delay_s)
     server, bound = start_server(worker.handler(), token, host, port, tls, workers)
     return DeviceServer(worker, server, host, bound)

@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 import torch
 
-from wdmoe.runtime.device import GRPC_OPTIONS, RUN_EXPERT, ExpertKey, bearer
+from wdmoe.runtime.device import RUN_EXPERT, ExpertKey, bearer
+from wdmoe.runtime.server import GRPC_OPTIONS
 from wdmoe.runtime.wire import ExpertRequest, WireError, decode_response, encode
 
 
