@@ -12,6 +12,8 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tiny import tiny_model, tiny_tokenizer
 from wdmoe.config import load_scenario
@@ -404,3 +406,40 @@ def test_cli_generate_at_a_bs_and_serve_bs_input_errors(lab_factory, monkeypatch
     for args, says in cases.items():
         result = runner.invoke(app, list(args))
         assert result.exit_code == 2 and says in result.output, (args, result.output)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+def test_control_messages_fuzzed_raise_only_api_errors(data):
+    parses_or_refuses(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    obj=st.dictionaries(
+        st.sampled_from(["v", "slot", "address", "experts", "name", "prompt", "max_new_tokens", "top_p"]),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(-5, 70000),
+            st.floats(allow_nan=True),
+            st.text(max_size=20),
+            st.lists(st.lists(st.integers(-2, 3), max_size=3), max_size=3),
+        ),
+    )
+)
+def test_control_messages_with_wrong_fields_raise_only_api_errors(obj):
+    data = json.dumps(obj).encode()
+    parses_or_refuses(data)
+
+
+def parses_or_refuses(data: bytes) -> None:
+    """Each parser returns its message or raises ApiError with a message — nothing else."""
+    parsers = ((api.parse_registration, api.Registration), (api.parse_generate, api.GenerateRequest))
+    for parse, kind in parsers:
+        try:
+            value = parse(data)
+        except api.ApiError as err:
+            assert "message" in str(err) or "field" in str(err) or "Generate" in str(err), str(err)
+            continue
+        assert isinstance(value, kind)

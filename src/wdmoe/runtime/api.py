@@ -64,7 +64,7 @@ def load(data: bytes, what: str) -> dict[str, Any]:
         raise ApiError(f"{what} message is not JSON: {err}") from err
     if not isinstance(obj, dict):
         raise ApiError(f"{what} message must be a JSON object, got {type(obj).__name__}")
-    if obj.get("v") != API_VERSION:
+    if isinstance(obj.get("v"), bool) or obj.get("v") != API_VERSION:
         raise ApiError(
             f"{what} message has API version {obj.get('v')!r}; this BS speaks version {API_VERSION}"
         )

@@ -43,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from wdmoe.allocation import make_allocator
 from wdmoe.channel import ChannelState, generate_trace
 from wdmoe.config import ModelConfig, ScenarioConfig, WireConfig, check_choice, check_range
-from wdmoe.errors import WdmoeError
+from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.generate import generate
 from wdmoe.latency import DeviceTimes, bs_seconds, lm_head_flops, transfer_s
 from wdmoe.models.install import WirelessModel
@@ -216,6 +216,8 @@ def model_dims(wm: WirelessModel, name: str) -> ModelConfig:
     """The latency model's dimensions of the model that runs (read before its experts are released)."""
     cfg = wm.model.config
     block = next(iter(wm.blocks.values()))
+    if block.experts.down_proj.numel() == 0:
+        raise ConfigError("the model's experts are released: read its dimensions (fit_scenario) first")
     heads = int(cfg.num_attention_heads)
     return ModelConfig(
         name=name,
