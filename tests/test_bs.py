@@ -186,14 +186,22 @@ def test_drop_mode_survives_a_dead_device_and_uses_it_again_when_it_returns(lab_
 
 
 def test_replicas_the_better_channel_serves_and_the_other_takes_over(lab_factory):
-    lab = lab_factory(devices=2, replicas=2)
+    # time_scale 1e6: a wall second is a simulated microsecond, so the channel block stays put
+    lab = lab_factory(devices=2, replicas=2, settings=RuntimeSettings(time_scale=1e6))
     per_token = [0.5, 0.01]  # slot 1 has the better channel
     assert lab.bs.registry.choose((0, 3), per_token).slot == 1
+    best = int(lab.bs.begin_forward(None).per_token_s.argmin())
     lab.wm.model(IDS)
     rows = lab.bs.summary()["devices"]
-    assert rows[0]["calls"] + rows[1]["calls"] > 0
-    lab.devices[0].stop()
-    lab.devices[1].stop()
+    assert rows[best]["calls"] > 0 and rows[1 - best]["calls"] == 0, rows
+    assert (lab.wm.model(IDS).logits - lab.ref.model(IDS).logits).abs().max().item() <= 1e-4
+    lab.devices[best].stop()  # the better replica dies: the other one takes over in the same layer
+    assert (lab.wm.model(IDS).logits - lab.ref.model(IDS).logits).abs().max().item() <= 1e-4
+    rows = lab.bs.summary()["devices"]
+    # one layer's calls (≤ 8 experts) met the dead replica; every later one went to the live one
+    assert rows[1 - best]["answered"] > 0 and 0 < rows[best]["failures"]["UNAVAILABLE"] <= 8, rows
+    assert not rows[best]["usable"]
+    lab.devices[1 - best].stop()
     # nobody left: every expert is dropped, the forward still completes
     out = lab.wm.model(IDS[:1, :3]).logits
     assert torch.isfinite(out).all()
@@ -395,6 +403,10 @@ def test_cli_generate_at_a_bs_and_serve_bs_input_errors(lab_factory, monkeypatch
     assert "3 new tok" in ok.output and "dropped" in ok.output
     bad = runner.invoke(app, ["generate", "--bs", lab.server.address, "hi", "--token", "nope"])
     assert bad.exit_code == 2 and "UNAUTHENTICATED" in bad.output
+    table = runner.invoke(app, ["stats", "--bs", lab.server.address])
+    assert table.exit_code == 0 and "BS summary · 1 requests" in table.output, table.output
+    raw = runner.invoke(app, ["stats", "--bs", lab.server.address, "--json"])
+    assert raw.exit_code == 0 and json.loads(raw.output)["totals"]["expert_calls"] > 0
     monkeypatch.delenv("WDMOE_TOKEN")
     cases = {
         ("serve-bs",): "no token",

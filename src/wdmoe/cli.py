@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from wdmoe.cli_cell import cell_app
-from wdmoe.cli_cluster import cluster_cmd, device_cmd, serve_bs_cmd
+from wdmoe.cli_cluster import cluster_cmd, device_cmd, serve_bs_cmd, stats_cmd
 from wdmoe.cli_report import report_cmd, reproduce_cmd
 from wdmoe.cli_sweep import sweep_cmd
 from wdmoe.errors import WdmoeError
@@ -27,6 +27,7 @@ app.command("reproduce")(reproduce_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("cluster")(cluster_cmd)
 app.command("serve-bs")(serve_bs_cmd)
+app.command("stats")(stats_cmd)
 app.command(
     "device",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},

@@ -175,6 +175,31 @@ def device_cmd(ctx: typer.Context) -> None:
     main(ctx.args, prog="wdmoe device")
 
 
+def stats_cmd(
+    bs: Annotated[str, typer.Option(help="HOST:PORT of a running `wdmoe serve-bs`.")] = "127.0.0.1:50050",
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the BS's JSON instead of a table.")] = False,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+) -> None:
+    """Ask a running BS for its per-device and overall figures (the Stats RPC)."""
+    import json
+
+    from wdmoe.runtime.client import BSClient
+    from wdmoe.runtime.security import TLSFiles
+
+    try:
+        with BSClient(bs, resolve_token(token), TLSFiles.from_options(tls_cert, tls_key, tls_ca)) as client:
+            summary = client.stats()
+    except WdmoeError as e:
+        raise _fail(e) from e
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print_summary(summary)
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The per-device table of a BS summary (on stderr, so stdout keeps only answers)."""
     table = Table(title=f"BS summary · {summary['requests']} requests")

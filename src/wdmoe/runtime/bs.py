@@ -383,11 +383,35 @@ class BaseStation:
             dl = s.time_scale * transfer_s(8 * bytes_dl, fwd.true.dl.rate_bps(view.bandwidth_hz))
             ul = s.time_scale * transfer_s(8 * bytes_ul, fwd.true.ul.rate_bps(view.bandwidth_hz))
         self.fan_out(calls, dl, ul, budget)
+        retries = self.fail_over(layer, fwd, calls, budget)
         busy = tokens > 0
         predicted = float(np.max(np.where(busy, true.total_s, 0.0), initial=0.0))
         fwd.predicted_s += predicted
         measured = (time.monotonic() - start) / s.time_scale
-        return self.finish(layer, fwd, calls, lost, true, measured)
+        return self.finish(layer, fwd, calls, retries, lost, true, measured)
+
+    def fail_over(
+        self, layer: int, fwd: Forward, calls: dict[int, list[Call]], budget: np.ndarray
+    ) -> dict[int, list[Call]]:
+        """Experts whose device could not be reached go once more to another usable replica (its
+        device's deadline; no emulated delay for the retry), and that device is marked down."""
+        dead = [c for c in inputs_of(calls) if c.code == "UNAVAILABLE"]
+        for c in dead:
+            self.mark_down(c)
+        again: dict[int, list[Call]] = {}
+        for c in dead:
+            host = self.registry.choose((layer, c.expert), fwd.per_token_s)
+            if host is not None:
+                again.setdefault(host.slot, []).append(Call(layer, c.expert, c.hidden, host))
+        if again:
+            zeros = np.zeros(self.num_slots)
+            self.fan_out(again, zeros, zeros, budget)
+        return again
+
+    def mark_down(self, c: Call) -> None:
+        if self.registry.mark_down(c.device.address):
+            self.event("device_down", slot=c.device.slot, address=c.device.address, reason=c.message[:200])
+            self.forget(c.device.address)
 
     def fan_out(
         self, calls: dict[int, list[Call]], dl: np.ndarray, ul: np.ndarray, budget: np.ndarray
@@ -438,50 +462,47 @@ class BaseStation:
         layer: int,
         fwd: Forward,
         calls: dict[int, list[Call]],
+        retries: dict[int, list[Call]],
         lost: list[Call],
         predicted: DeviceTimes,
         measured_s: float,
     ) -> dict[int, torch.Tensor]:
-        """Outputs, fallbacks, down-marking and the books."""
+        """Outputs, fallbacks, down-marking and the books (a retried expert counts as two calls)."""
         outputs: dict[int, torch.Tensor] = {}
-        failed = list(lost)
         request = fwd.request
+        sent = inputs_of(calls) + inputs_of(retries)
         with self.stats_lock:
-            for u, group in calls.items():
+            for u in calls:
                 st = self.stats[u]
                 st.predicted_s += float(predicted.total_s[u])
                 st.predicted_dl_s += float(predicted.downlink_s[u])
                 st.predicted_compute_s += float(predicted.compute_s[u])
                 st.predicted_ul_s += float(predicted.uplink_s[u])
                 st.measured_s += measured_s
-                for c in group:
-                    st.calls += 1
-                    n = tuple(c.hidden.shape)
-                    st.bytes_dl += encoded_size(n, self.wire_dtype)
-                    if c.outputs is not None:
-                        st.answered += 1
-                        st.compute_s += c.compute_s
-                        st.bytes_ul += encoded_size(n, self.wire_dtype, KIND_RESPONSE)
-                        outputs[c.expert] = c.outputs
-                    else:
-                        st.failures[c.code] += 1
-                        failed.append(c)
+            for c in sent:
+                st = self.stats[c.device.slot]
+                st.calls += 1
+                n = tuple(c.hidden.shape)
+                st.bytes_dl += encoded_size(n, self.wire_dtype)
+                if c.outputs is not None:
+                    st.answered += 1
+                    st.compute_s += c.compute_s
+                    st.bytes_ul += encoded_size(n, self.wire_dtype, KIND_RESPONSE)
+                    outputs[c.expert] = c.outputs
+                else:
+                    st.failures[c.code] += 1
+            failed = list(lost) + [c for c in inputs_of(calls) if c.expert not in outputs]
             if request is not None:
-                request.expert_calls += len(inputs_of(calls)) + len(lost)
-                request.bytes_dl += sum(
-                    encoded_size(tuple(c.hidden.shape), self.wire_dtype) for c in inputs_of(calls)
-                )
+                request.expert_calls += len(sent) + len(lost)
+                request.bytes_dl += sum(encoded_size(tuple(c.hidden.shape), self.wire_dtype) for c in sent)
                 request.bytes_ul += sum(
                     encoded_size(tuple(c.hidden.shape), self.wire_dtype, KIND_RESPONSE)
-                    for c in inputs_of(calls)
+                    for c in sent
                     if c.outputs is not None
                 )
-        for c in failed:
-            if c.code == "UNAVAILABLE" and self.registry.mark_down(c.device.address):
-                self.event(
-                    "device_down", slot=c.device.slot, address=c.device.address, reason=c.message[:200]
-                )
-                self.forget(c.device.address)
+        for c in inputs_of(retries):
+            if c.code == "UNAVAILABLE":
+                self.mark_down(c)
         if failed and self.local is not None:
             local = self.local.run(layer, {c.expert: c.hidden for c in failed})
             outputs.update(local)
