@@ -105,9 +105,10 @@ def lab_factory(shards_by_family):
 IDS = torch.randint(4, 120, (2, 11), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_distributed_logits_equal_in_process_with_8_devices(lab_factory, family):
-    lab = lab_factory(family)
+@pytest.mark.parametrize(("family", "devices"), [("mixtral", 8), ("qwen2_moe", 8), ("mixtral", 3)])
+def test_distributed_logits_equal_in_process_with_8_devices(lab_factory, family, devices):
+    """8 devices: one expert each; 3 devices: several experts per device travel as one bundle."""
+    lab = lab_factory(family, devices=devices)
     got, want = lab.wm.model(IDS).logits, lab.ref.model(IDS).logits
     assert (got - want).abs().max().item() <= 1e-4
     rows = lab.bs.summary()["devices"]

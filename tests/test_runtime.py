@@ -23,9 +23,12 @@ from wdmoe.runtime.wire import (
     ExpertRequest,
     ExpertResponse,
     WireError,
+    bundle_size,
     decode,
+    decode_all,
     decode_request,
     encode,
+    encode_bundle,
     encoded_size,
 )
 
@@ -106,6 +109,48 @@ def test_decode_names_both_versions_and_limits():
             encode(bad)
     with pytest.raises(WireError, match="cannot travel"):
         encode(ExpertRequest(0, 0, torch.zeros(2, dtype=torch.bool)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ts=st.lists(tensors(), min_size=1, max_size=5), cut=st.integers(0, 10_000))
+def test_bundles_round_trip_and_every_prefix_is_malformed(ts, cut):
+    reqs = [ExpertRequest(i, 2 * i, t, 7 + i, 0.25) for i, t in enumerate(ts)]
+    data = encode_bundle(reqs)
+    assert len(data) == bundle_size([len(encode(r)) for r in reqs])
+    messages, bundled = decode_all(data)
+    assert bundled and [(m.layer, m.expert, m.request_id) for m in messages] == [
+        (i, 2 * i, 7 + i) for i in range(len(ts))
+    ]
+    assert all(same(m.hidden, t) for m, t in zip(messages, ts, strict=True))
+    with pytest.raises(WireError):
+        decode_all(data[: cut % len(data)])
+    single, bundled = decode_all(encode(reqs[0]))
+    assert not bundled and single[0].request_id == 7
+
+
+def test_bad_bundles_are_named():
+    x = torch.zeros(2, 3)
+    req, resp = ExpertRequest(0, 0, x), ExpertResponse(0, x, 0.0)
+    with pytest.raises(WireError, match="only requests or only responses"):
+        decode_all(encode_bundle([req, resp]))
+    with pytest.raises(WireError, match="follow the bundle"):
+        decode_all(encode_bundle([req]) + b"\x00")
+    nested = bytearray(encode_bundle([req]))
+    inner = encode_bundle([req])
+    nested = bytes(nested[:10]) + struct.pack("<Q", len(inner)) + inner
+    with pytest.raises(WireError, match="do not nest"):
+        decode_all(nested)
+    with pytest.raises(WireError, match="decode it with decode_all"):
+        decode(encode_bundle([req]))
+    with pytest.raises(WireError, match=r"1\.\.4096"):
+        encode_bundle([])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzzed_bundles_raise_only_wire_error(data):
+    with contextlib.suppress(WireError):
+        decode_all(b"WDMO\x01\x00\x03\x00" + data)
 
 
 # ------------------------------------------------------------------------------------ runtime

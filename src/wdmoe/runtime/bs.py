@@ -56,11 +56,15 @@ from wdmoe.runtime.security import TLSFiles, bearer, open_channel
 from wdmoe.runtime.server import GRPC_OPTIONS, start_server
 from wdmoe.runtime.wire import (
     DTYPES,
+    KIND_REQUEST,
     KIND_RESPONSE,
     ExpertRequest,
+    ExpertResponse,
     WireError,
-    decode_response,
+    bundle_size,
+    decode_all,
     encode,
+    encode_bundle,
     encoded_size,
 )
 from wdmoe.simulate import check_model_matches
@@ -365,10 +369,8 @@ class BaseStation:
         bytes_ul = np.zeros(self.num_slots)
         for u, group in calls.items():
             tokens[u] = sum(len(c.hidden) for c in group)
-            bytes_dl[u] = sum(encoded_size(tuple(c.hidden.shape), self.wire_dtype) for c in group)
-            bytes_ul[u] = sum(
-                encoded_size(tuple(c.hidden.shape), self.wire_dtype, KIND_RESPONSE) for c in group
-            )
+            bytes_dl[u] = self.message_bytes(group, KIND_REQUEST)
+            bytes_ul[u] = self.message_bytes(group, KIND_RESPONSE)
         view = fwd.view.allocate_devices(self.allocator, tokens)
         expected = view.device_time_s(tokens)  # on the BS's estimate: what the deadline trusts
         true = view.times_on(fwd.true, tokens)  # the prediction on the channel the links really have
@@ -429,7 +431,7 @@ class BaseStation:
             async with asyncio.timeout(budget_s):
                 if dl_s > 0:
                     await asyncio.sleep(dl_s)
-                await gather([self.call(c, deadline - self.loop.time()) for c in group])
+                await self.call(group, deadline - self.loop.time())
                 if ul_s > 0 and any(c.outputs is not None for c in group):
                     await asyncio.sleep(ul_s)
         except TimeoutError:
@@ -438,24 +440,39 @@ class BaseStation:
                 if c.outputs is not None or not c.code:
                     c.outputs, c.code, c.message = None, "DEADLINE_EXCEEDED", late
 
-    async def call(self, c: Call, timeout_s: float) -> None:
-        """One RunExpert call; its outcome is written into ``c`` (never raises for the device)."""
+    async def call(self, group: list[Call], timeout_s: float) -> None:
+        """One device's experts in one RunExpert message (a bundle when there are several); the
+        outcome is written into each call (never raises for the device)."""
         timeout_s = max(timeout_s, 1e-3)
-        req = ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
+        reqs = [
+            ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
+            for c in group
+        ]
+        frame = encode(reqs[0]) if len(reqs) == 1 else encode_bundle(list(reqs))
         try:
-            reply = await self.stub(c.device.address)(encode(req), timeout=timeout_s, metadata=self.metadata)
-            resp = decode_response(reply)
+            reply = await self.stub(group[0].device.address)(frame, timeout=timeout_s, metadata=self.metadata)
+            responses, _ = decode_all(reply)
         except grpc.RpcError as err:  # grpc.aio.AioRpcError
-            c.code, c.message = err.code().name, str(err.details())
+            for c in group:
+                c.code, c.message = err.code().name, str(err.details())
             return
         except WireError as err:
-            c.code, c.message = "WIRE", str(err)
+            for c in group:
+                c.code, c.message = "WIRE", str(err)
             return
-        if resp.outputs.shape != c.hidden.shape:
-            c.code = "WIRE"
-            c.message = f"outputs {list(resp.outputs.shape)} for hidden {list(c.hidden.shape)}"
-            return
-        c.outputs, c.compute_s = resp.outputs.to(c.hidden.dtype), resp.compute_s
+        by_id = {r.request_id: r for r in responses if isinstance(r, ExpertResponse)}
+        for c, req in zip(group, reqs, strict=True):
+            resp = by_id.get(req.request_id)
+            if resp is None or resp.outputs.shape != c.hidden.shape:
+                got = "no answer" if resp is None else f"outputs {list(resp.outputs.shape)}"
+                c.code, c.message = "WIRE", f"{got} for hidden {list(c.hidden.shape)}"
+            else:
+                c.outputs, c.compute_s = resp.outputs.to(c.hidden.dtype), resp.compute_s
+
+    def message_bytes(self, group: list[Call], kind: int) -> int:
+        """Bytes of the message carrying ``group`` (a frame, or a bundle of frames)."""
+        sizes = [encoded_size(tuple(c.hidden.shape), self.wire_dtype, kind) for c in group]
+        return sizes[0] if len(sizes) == 1 else bundle_size(sizes)
 
     def finish(
         self,

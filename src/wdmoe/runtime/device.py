@@ -30,7 +30,7 @@ from wdmoe.models.split import load_expert_shard
 from wdmoe.runtime import api
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
 from wdmoe.runtime.server import start_server
-from wdmoe.runtime.wire import ExpertResponse, WireError, decode_request, encode
+from wdmoe.runtime.wire import ExpertRequest, ExpertResponse, WireError, decode_all, encode, encode_bundle
 
 log = logging.getLogger("wdmoe.device")
 
@@ -85,16 +85,24 @@ class DeviceWorker:
             raise  # unreachable: abort raises
 
     def answer(self, request: bytes, authorization: str) -> bytes:
-        """Authenticate, decode, check, run and time the expert, encode the response."""
+        """Authenticate, decode, check, run and time the expert(s), encode the response (a bundle of
+        responses for a bundle of requests, in the same order)."""
         if not hmac.compare_digest(str(authorization).encode(), self._expected):
             raise Refused(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong token: send metadata 'authorization: Bearer <token>' with the device token",
             )
         try:
-            req = decode_request(request)
+            messages, bundled = decode_all(request)
         except WireError as err:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {err}") from err
+        if not isinstance(messages[0], ExpertRequest):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed request: expected expert requests")
+        replies = [self.run_one(req) for req in messages if isinstance(req, ExpertRequest)]
+        return encode_bundle(list(replies)) if bundled else encode(replies[0])
+
+    def run_one(self, req: ExpertRequest) -> ExpertResponse:
+        """Check and run one expert request; its response with the measured compute time."""
         weights = self.experts.get((req.layer, req.expert))
         if weights is None:
             raise Refused(
@@ -111,7 +119,7 @@ class DeviceWorker:
         start = time.perf_counter()
         with torch.no_grad():
             y = run_expert(weights, x.to(weights.down.dtype)).to(x.dtype)
-        return encode(ExpertResponse(req.request_id, y, time.perf_counter() - start))
+        return ExpertResponse(req.request_id, y, time.perf_counter() - start)
 
     def handler(self) -> Any:
         method = grpc.unary_unary_rpc_method_handler(self.run_expert)  # bytes in, bytes out

@@ -7,9 +7,12 @@ Pure: bytes in, values out; no sockets, no pickle. All integers and floats are l
     request  = layer u32 | expert u32 | request_id u64 | deadline_s f64 | tensor     (kind 1)
     response = request_id u64 | compute_s f64 | tensor                              (kind 2)
     tensor   = dtype code u8 | ndim u8 | ndim × dim u64 | payload
+    bundle   = count u16 | count × (length u64 | frame)                             (kind 3)
 
-The payload is the rest of the frame and must be exactly prod(shape) × itemsize bytes. Decoding
-checks every field and raises :class:`WireError` (never anything else) on a bad frame.
+The payload is the rest of the frame and must be exactly prod(shape) × itemsize bytes. A bundle
+carries several request (or several response) frames in one message: one device's experts of a
+layer travel together, one message per device and layer as the latency model counts them.
+Decoding checks every field and raises :class:`WireError` (never anything else) on a bad frame.
 """
 
 import math
@@ -28,12 +31,15 @@ MAX_DIM = 2**32  # per dimension; keeps empty tensors of absurd shape out of tor
 
 KIND_REQUEST = 1
 KIND_RESPONSE = 2
+KIND_BUNDLE = 3
+MAX_BUNDLE = 4096  # frames in one bundle
 
 _PREFIX = struct.Struct("<4sHBB")
 _REQUEST = struct.Struct("<IIQd")
 _RESPONSE = struct.Struct("<Qd")
 _TENSOR = struct.Struct("<BB")
 _DIM = struct.Struct("<Q")
+_COUNT = struct.Struct("<H")
 
 # Wire codes of the dtypes that may travel; codes are part of the format, never reuse one.
 DTYPES: dict[int, torch.dtype] = {
@@ -115,17 +121,7 @@ def encode_tensor(t: torch.Tensor) -> bytes:
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Parse one frame; every malformed, oversized or wrong-version frame raises WireError."""
-    if len(data) > max_bytes:
-        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
-    if len(data) < _PREFIX.size:
-        raise WireError(f"message of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
-    magic, version, kind, flags = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise WireError(f"not a wdmoe message: magic {magic!r}, expected {MAGIC!r}")
-    if version != WIRE_VERSION:
-        raise WireError(f"wire version {version} is not supported: this build speaks version {WIRE_VERSION}")
-    if flags != 0:
-        raise WireError(f"unknown flags {flags:#x} (version {WIRE_VERSION} defines none)")
+    kind = check_prefix(data, max_bytes)
     if kind == KIND_REQUEST:
         layer, expert, request_id, deadline_s = unpack(_REQUEST, data, _PREFIX.size, "request header")
         check_seconds(deadline_s, "deadline_s")
@@ -135,9 +131,52 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         request_id, compute_s = unpack(_RESPONSE, data, _PREFIX.size, "response header")
         check_seconds(compute_s, "compute_s")
         return ExpertResponse(request_id, decode_tensor(data, _PREFIX.size + _RESPONSE.size), compute_s)
+    if kind == KIND_BUNDLE:
+        raise WireError("this message is a bundle of frames: decode it with decode_all")
     raise WireError(
-        f"unknown message kind {kind}; known: {KIND_REQUEST} (request), {KIND_RESPONSE} (response)"
+        f"unknown message kind {kind}; known: {KIND_REQUEST} (request), {KIND_RESPONSE} (response), "
+        f"{KIND_BUNDLE} (bundle)"
     )
+
+
+def bundle_size(frame_sizes: list[int]) -> int:
+    """Bytes of a bundle of frames of these sizes."""
+    return _PREFIX.size + _COUNT.size + sum(_DIM.size + n for n in frame_sizes)
+
+
+def encode_bundle(messages: list[Message]) -> bytes:
+    """Several requests (or several responses) as one message."""
+    if not 1 <= len(messages) <= MAX_BUNDLE:
+        raise WireError(f"a bundle carries 1..{MAX_BUNDLE} frames, got {len(messages)}")
+    frames = [encode(m) for m in messages]
+    head = _PREFIX.pack(MAGIC, WIRE_VERSION, KIND_BUNDLE, 0) + _COUNT.pack(len(frames))
+    return head + b"".join(_DIM.pack(len(f)) + f for f in frames)
+
+
+def decode_all(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[list[Message], bool]:
+    """The messages of a frame or of a bundle, and whether it was a bundle (WireError if bad)."""
+    kind = check_prefix(data, max_bytes)
+    if kind != KIND_BUNDLE:
+        return [decode(data, max_bytes)], False
+    (count,) = unpack(_COUNT, data, _PREFIX.size, "bundle count")
+    if not 1 <= count <= MAX_BUNDLE:
+        raise WireError(f"a bundle carries 1..{MAX_BUNDLE} frames, this one says {count}")
+    offset, messages = _PREFIX.size + _COUNT.size, []
+    for i in range(count):
+        (length,) = unpack(_DIM, data, offset, f"bundle frame {i} length")
+        offset += _DIM.size
+        if offset + length > len(data):
+            raise WireError(f"bundle frame {i} of {length} bytes runs past the message's {len(data)} bytes")
+        frame = data[offset : offset + length]
+        if check_prefix(frame, max_bytes) == KIND_BUNDLE:
+            raise WireError(f"bundle frame {i} is itself a bundle; bundles do not nest")
+        messages.append(decode(frame, max_bytes))
+        offset += length
+    if offset != len(data):
+        raise WireError(f"{len(data) - offset} bytes follow the bundle's {count} frames")
+    if len({type(m) for m in messages}) != 1:
+        raise WireError("a bundle must carry only requests or only responses")
+    return messages, True
 
 
 def decode_request(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ExpertRequest:
@@ -152,6 +191,22 @@ def decode_response(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ExpertRe
     if not isinstance(msg, ExpertResponse):
         raise WireError(f"expected an expert response, got {type(msg).__name__}")
     return msg
+
+
+def check_prefix(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> int:
+    """Size, magic, version and flags of a frame; returns its kind."""
+    if len(data) > max_bytes:
+        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(data) < _PREFIX.size:
+        raise WireError(f"message of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, kind, flags = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError(f"not a wdmoe message: magic {magic!r}, expected {MAGIC!r}")
+    if version != WIRE_VERSION:
+        raise WireError(f"wire version {version} is not supported: this build speaks version {WIRE_VERSION}")
+    if flags != 0:
+        raise WireError(f"unknown flags {flags:#x} (version {WIRE_VERSION} defines none)")
+    return int(kind)
 
 
 def decode_tensor(data: bytes, offset: int) -> torch.Tensor:
