@@ -264,10 +264,9 @@ class BaseStation:
         self.registry = Registry(
             self.num_slots, tuple(sorted(wm.blocks)), wm.num_experts, s.heartbeat_s, s.heartbeat_s
         )
-        self.trace = generate_trace(
-            self.scenario, s.trace_blocks, scenario.seed if s.seed is None else s.seed
-        )
-        self.csi_rng = np.random.default_rng((scenario.seed if s.seed is None else s.seed) + 1)
+        seed = scenario.seed if s.seed is None else s.seed
+        self.trace = generate_trace(self.scenario, s.trace_blocks, seed)
+        self.csi_rng = np.random.default_rng(seed + 1)
         self.allocator = make_allocator(s.allocator)
         wm.set_policy(make_policy(s.policy, **dict(s.params)))
         self.local = wm.local_dispatcher() if s.mode == "fallback" else None
@@ -306,8 +305,7 @@ class BaseStation:
         estimate = bs_estimate(self.trace, block, self.csi_rng, s.csi_delay_blocks, s.csi_error_std_db)
         base = ExpertLatency.from_scenario(self.scenario, estimate, placement=np.arange(self.num_slots))
         per_token = base.device_time_s(np.ones(self.num_slots))
-        placement = self.registry.expert_slots(per_token)
-        view = ExpertLatency.from_scenario(self.scenario, estimate, placement=placement)
+        view = replace(base, placement=np.asarray(self.registry.expert_slots(per_token), dtype=np.int64))
         self.wm.set_context(estimate, view)
         return Forward(request, estimate, self.trace.state(block), view, per_token, time.monotonic())
 
@@ -496,27 +494,28 @@ class BaseStation:
                 st.predicted_compute_s += float(predicted.compute_s[u])
                 st.predicted_ul_s += float(predicted.uplink_s[u])
                 st.measured_s += measured_s
+            down = up = 0
             for c in sent:
                 st = self.stats[c.device.slot]
                 st.calls += 1
                 n = tuple(c.hidden.shape)
-                st.bytes_dl += encoded_size(n, self.wire_dtype)
+                sent_bytes = encoded_size(n, self.wire_dtype)
+                st.bytes_dl += sent_bytes
+                down += sent_bytes
                 if c.outputs is not None:
+                    got_bytes = encoded_size(n, self.wire_dtype, KIND_RESPONSE)
                     st.answered += 1
                     st.compute_s += c.compute_s
-                    st.bytes_ul += encoded_size(n, self.wire_dtype, KIND_RESPONSE)
+                    st.bytes_ul += got_bytes
+                    up += got_bytes
                     outputs[c.expert] = c.outputs
                 else:
                     st.failures[c.code] += 1
             failed = list(lost) + [c for c in inputs_of(calls) if c.expert not in outputs]
             if request is not None:
                 request.expert_calls += len(sent) + len(lost)
-                request.bytes_dl += sum(encoded_size(tuple(c.hidden.shape), self.wire_dtype) for c in sent)
-                request.bytes_ul += sum(
-                    encoded_size(tuple(c.hidden.shape), self.wire_dtype, KIND_RESPONSE)
-                    for c in sent
-                    if c.outputs is not None
-                )
+                request.bytes_dl += down
+                request.bytes_ul += up
         for c in inputs_of(retries):
             if c.code == "UNAVAILABLE":
                 self.mark_down(c)
