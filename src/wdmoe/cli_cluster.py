@@ -41,40 +41,16 @@ def resolve_token(token: str | None) -> str:
     return value
 
 
-def settings_from(
-    policy: str,
-    param: list[str],
-    allocator: str,
-    mode: str,
-    slack: float,
-    grace_ms: float,
-    max_wait_s: float,
-    emulate_links: bool,
-    time_scale: float,
-    wire_dtype: str,
-    heartbeat_s: float,
-    seed: int | None,
-) -> Any:
+def settings_from(policy: str, param: list[str], **fields: Any) -> Any:
+    """RuntimeSettings from CLI values: the policy and its NAME=VALUE parameters are checked
+    before anything loads; ``fields`` are RuntimeSettings fields (the rest keep their defaults)."""
     from wdmoe.eval.runner import parse_params
     from wdmoe.policies import make_policy
     from wdmoe.runtime.bs import RuntimeSettings
 
     params = parse_params(param)
     make_policy(policy, **params)  # an unknown policy or parameter fails here, before loading
-    return RuntimeSettings(
-        policy=policy,
-        params=params,
-        allocator=allocator,
-        mode=mode,
-        slack=slack,
-        grace_s=grace_ms / 1e3,
-        max_wait_s=max_wait_s,
-        emulate_links=emulate_links,
-        time_scale=time_scale,
-        wire_dtype=wire_dtype,
-        heartbeat_s=heartbeat_s,
-        seed=seed,
-    )
+    return RuntimeSettings(policy=policy, params=params, **fields)
 
 
 def serve_bs_cmd(
@@ -124,16 +100,16 @@ def serve_bs_cmd(
         settings = settings_from(
             policy,
             param or [],
-            allocator,
-            mode,
-            slack,
-            grace_ms,
-            max_wait_s,
-            emulate_links,
-            time_scale,
-            wire_dtype,
-            heartbeat_s,
-            seed,
+            allocator=allocator,
+            mode=mode,
+            slack=slack,
+            grace_s=grace_ms / 1e3,
+            max_wait_s=max_wait_s,
+            emulate_links=emulate_links,
+            time_scale=time_scale,
+            wire_dtype=wire_dtype,
+            heartbeat_s=heartbeat_s,
+            seed=seed,
         )
         bs = build_bs(
             model, scenario, set_ or [], settings, token=secret, top_k=top_k, tls=tls, metrics_log=metrics_log
@@ -255,16 +231,10 @@ def cluster_cmd(
         settings = settings_from(
             policy,
             param or [],
-            allocator,
-            mode,
-            3.0,
-            250.0,
-            30.0,
-            emulate_links,
-            time_scale,
-            "float32",
-            1.0,
-            None,
+            allocator=allocator,
+            mode=mode,
+            emulate_links=emulate_links,
+            time_scale=time_scale,
         )
         with Cluster(
             model,

@@ -88,10 +88,7 @@ class BSClient:
         last = "the BS did not answer"
         while time.monotonic() < deadline and alive():
             if self.healthy():
-                try:
-                    stats = self.stats()
-                except BSError as err:
-                    raise err
+                stats = self.stats()
                 usable = sum(d["usable"] for d in stats["devices"])
                 if usable >= devices and stats["missing_experts"] == 0:
                     return
