@@ -26,10 +26,11 @@ from wdmoe.config import load_scenario
 from wdmoe.models.install import install
 from wdmoe.models.split import split_model
 from wdmoe.runtime import api
-from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario, serve_bs
+from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient
 from wdmoe.runtime.cluster import round_robin, shard_key
 from wdmoe.runtime.device import serve
+from wdmoe.runtime.service import serve_bs
 
 TOKEN = "emulation"
 CASES = [(2e4, 1.0), (1e5, 1.0), (1e6, 1.0), (2e4, 0.1), (2e4, 0.01)]

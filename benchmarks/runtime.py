@@ -45,12 +45,13 @@ from wdmoe.generate import generate
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import load_checkpoint
 from wdmoe.models.split import split_model
-from wdmoe.runtime.bs import BaseStation, BSServer, RuntimeSettings, fit_scenario, serve_bs
+from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient
 from wdmoe.runtime.cluster import Cluster, round_robin, shard_key
 from wdmoe.runtime.device import RUN_EXPERT, DeviceServer, serve
 from wdmoe.runtime.security import open_channel
 from wdmoe.runtime.server import GRPC_OPTIONS
+from wdmoe.runtime.service import BSServer, serve_bs
 from wdmoe.runtime.wire import ExpertRequest, encode
 
 DEVICES = 8

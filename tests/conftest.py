@@ -30,3 +30,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards_by_family(tmp_path_factory):
+    """Expert shards of the tiny Mixtral and Qwen2-MoE, by (layer, expert)."""
+    from tiny import tiny_model
+    from wdmoe.models.split import split_model
+    from wdmoe.runtime.cluster import shard_key
+
+    out = {}
+    for family in ("mixtral", "qwen2_moe"):
+        folder = tmp_path_factory.mktemp(family)
+        out[family] = {shard_key(p): p for p in split_model(tiny_model(family), folder)}
+    return out
+
+
+@pytest.fixture
+def lab_factory(shards_by_family):
+    """Labs (a BS and in-process devices on a tiny model), all closed after the test."""
+    from lab import Lab
+
+    labs = []
+
+    def make(family="mixtral", **kwargs):
+        labs.append(Lab(family, shards_by_family[family], **kwargs))
+        return labs[-1]
+
+    yield make
+    for lab in labs:
+        lab.close()

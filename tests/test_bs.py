@@ -15,19 +15,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny import tiny_model, tiny_tokenizer
+from lab import TOKEN
+from tiny import tiny_model
 from wdmoe.config import load_scenario
 from wdmoe.models.install import install
-from wdmoe.models.split import split_model
 from wdmoe.runtime import api
-from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario, serve_bs
+from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient, BSError
-from wdmoe.runtime.cluster import round_robin, shard_key
+from wdmoe.runtime.cluster import round_robin
 from wdmoe.runtime.device import RUN_EXPERT, serve
 from wdmoe.runtime.placement import DeviceEntry, Registry
 from wdmoe.runtime.security import TLSFiles, bearer, make_test_pki
+from wdmoe.runtime.service import serve_bs
 
-TOKEN = "bs-token"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -35,71 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def shards_by_family(tmp_path_factory):
-    out = {}
-    for family in ("mixtral", "qwen2_moe"):
-        folder = tmp_path_factory.mktemp(family)
-        out[family] = {shard_key(p): p for p in split_model(tiny_model(family), folder)}
-    return out
-
-
-class Lab:
-    """A BS on a tiny model and device servers in this process, all on loopback."""
-
-    def __init__(
-        self,
-        family,
-        by_key,
-        devices=8,
-        settings=None,
-        overrides=(),
-        replicas=1,
-        delays=None,
-        log=None,
-        tls=None,
-    ):
-        self.ref = install(tiny_model(family))
-        wm = install(tiny_model(family))
-        cell = load_scenario("lab", [f"cell.num_devices={devices}", *overrides])
-        scenario = fit_scenario(cell, wm, family)
-        settings = settings or RuntimeSettings()
-        if settings.mode != "fallback":
-            wm.release_experts()
-        self.bs = BaseStation(wm, tiny_tokenizer(), scenario, settings, token=TOKEN, metrics_log=log, tls=tls)
-        self.server = serve_bs(self.bs, TOKEN)
-        self.devices = []
-        for u, keys in enumerate(round_robin(sorted(by_key), devices, replicas)):
-            d = serve([by_key[k] for k in keys], token=TOKEN, delay_s=(delays or {}).get(u, 0.0), tls=tls)
-            d.register(self.server.address, TOKEN, u, tls=tls)
-            self.devices.append(d)
-        self.client = BSClient(self.server.address, TOKEN, tls)
-        self.client.wait_ready(devices, timeout_s=30)
-
-    @property
-    def wm(self):
-        return self.bs.wm
-
-    def close(self):
-        self.client.close()
-        for d in self.devices:
-            d.stop()
-        self.server.stop()
-
-
-@pytest.fixture
-def lab_factory(shards_by_family):
-    labs = []
-
-    def make(family="mixtral", **kwargs):
-        labs.append(Lab(family, shards_by_family[family], **kwargs))
-        return labs[-1]
-
-    yield make
-    for lab in labs:
-        lab.close()
 
 
 IDS = torch.randint(4, 120, (2, 11), generator=torch.Generator().manual_seed(5))

@@ -105,8 +105,69 @@ def test_a_worker_that_cannot_start_is_named_with_its_stderr(tmp_path):
     try:
         assert d.process is not None
         d.process.wait(timeout=60)
-        with pytest.raises(ClusterError, match=r"device 0 \(127\.0\.0\.1:\d+\) exited(.|\n)*does not exist"):
+        with pytest.raises(ClusterError, match=r"device 0 \(127\.0\.0\.1:\d+\) exited(.|\n)*is not a file"):
             cluster.check_alive()
     finally:
         cluster.close()
     assert d.process is not None and not alive(d.process.pid)
+
+
+def test_devices_are_warm_when_they_register(tmp_path):
+    """An activation that is not silu/relu used to be imported from transformers on a device's first
+    call (~2 s in a fresh process): every call of the first request missed its deadline and the
+    cluster printed wrong text with exit 0. Devices now run each expert once before registering."""
+    gelu = save_tiny_checkpoint("mixtral", tmp_path / "gelu", hidden_act="gelu_pytorch_tanh")
+    log = tmp_path / "m.jsonl"
+    args = ["cluster", "--model", str(gelu), "--devices", "2", "--max-new-tokens", "4"]
+    result = CliRunner().invoke(app, [*args, "--metrics-log", str(log)])
+    assert result.exit_code == 0, result.output
+    request = next(json.loads(line) for line in log.read_text().splitlines() if '"request"' in line)
+    assert request["expert_calls"] > 0 and request["dropped"] == 0, request
+
+
+def test_cluster_warns_about_a_degraded_answer_and_fails_a_lost_one(capsys):
+    from wdmoe.cli_cluster import answer_was_served
+
+    assert answer_was_served({"expert_calls": 100, "dropped": 0})
+    assert "warning" not in capsys.readouterr().err
+    assert answer_was_served({"expert_calls": 100, "dropped": 30})
+    assert "30 of 100 expert calls (30 %) were dropped" in capsys.readouterr().err
+    assert not answer_was_served({"expert_calls": 100, "dropped": 100})
+    assert "every one of the 100 expert calls" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--port", "70000"], "--port must be in 0..65535"),
+        (["--port", "-5"], "--port must be in 0..65535"),
+        (["--inject-delay-ms", "-5"], "--inject-delay-ms must be in 0..3600000"),
+        (["--inject-delay-ms", "nan"], "--inject-delay-ms must be in 0..3600000"),
+        (["--slot", "-1"], "--slot must be ≥ 0"),
+    ],
+)
+def test_device_flags_out_of_range_are_one_line_errors(folder, capsys, flags, says):
+    from wdmoe.runtime.device import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--shards", str(folder / "config.json"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says in err and "usage:" not in err
+
+
+def test_device_shards_that_are_missing_or_not_safetensors_are_named(tmp_path, capsys):
+    from wdmoe.runtime.device import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a shard")
+    for path, says in ((tmp_path / "L000_E000.safetensors", "is not a file"), (text, "notes.txt")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--shards", str(path), "--token", "t"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and says in err and "usage:" not in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_bs_refuses_a_port_out_of_range():
+    result = CliRunner().invoke(app, ["serve-bs", "--port", "70000", "--token", "t"])
+    assert result.exit_code == 2 and "--port must be in 0..65535" in result.output

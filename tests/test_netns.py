@@ -23,7 +23,7 @@ from wdmoe.models.experts import run_expert
 from wdmoe.models.install import install
 from wdmoe.models.split import expert_shard, load_expert_shard, split_model
 from wdmoe.runtime import api
-from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario, serve_bs
+from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient
 from wdmoe.runtime.cluster import shard_key
 from wdmoe.runtime.netns import (
@@ -37,6 +37,7 @@ from wdmoe.runtime.netns import (
     tbf_args,
 )
 from wdmoe.runtime.remote import RemoteDispatcher
+from wdmoe.runtime.service import serve_bs
 
 TOKEN = "netns-token"
 PORT = 50051

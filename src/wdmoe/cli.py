@@ -4,6 +4,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from wdmoe.cli_cell import cell_app
 from wdmoe.cli_cluster import cluster_cmd, device_cmd, serve_bs_cmd, stats_cmd
 from wdmoe.cli_report import report_cmd, reproduce_cmd
 from wdmoe.cli_sweep import sweep_cmd
-from wdmoe.errors import WdmoeError
+from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.policies import POLICIES
 
 app = typer.Typer(help="WDMoE: wireless distributed Mixture-of-Experts LLMs.", no_args_is_help=True)
@@ -51,7 +52,10 @@ def quiet_transformers() -> None:
 
 
 def fail(error: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {error}")
+    """Print ``error: …`` on one line (the message is text, not rich markup) and exit with 2."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(' '.join(str(error).split()))}")
     return typer.Exit(code=2)
 
 
@@ -158,6 +162,15 @@ def generate(
     token: Annotated[
         str | None, typer.Option(help="The BS's token with --bs (default: $WDMOE_TOKEN).")
     ] = None,
+    timeout_s: Annotated[
+        float | None, typer.Option(help="With --bs: give up on the whole request after this long.")
+    ] = None,
+    idle_timeout_s: Annotated[
+        float, typer.Option(help="With --bs: give up when the BS says nothing for this long (0: never).")
+    ] = 60.0,
+    tls_cert: Annotated[str | None, typer.Option(help="With --bs: PEM client certificate (mTLS).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="With --bs: PEM key of the client certificate.")] = None,
+    tls_ca: Annotated[str | None, typer.Option(help="With --bs: PEM CA that signed the BS (TLS).")] = None,
 ) -> None:
     """Generate text with wdmoe installed, streaming tokens to the terminal (here, or at a BS)."""
     from wdmoe.generate import generate as run_generate
@@ -169,7 +182,9 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     if bs is not None:
-        return generate_at_bs(bs, token, prompt, max_new_tokens, temperature, top_p, seed, chat, system)
+        req = (prompt, max_new_tokens, temperature, top_p, seed, chat, system)
+        link = BSLink(bs, token, timeout_s, idle_timeout_s, (tls_cert, tls_key, tls_ca))
+        return generate_at_bs(link, *req)
     try:
         chosen = make_policy(policy)
         if max_new_tokens < 1:
@@ -209,9 +224,25 @@ def generate(
     )
 
 
+@dataclass(frozen=True)
+class BSLink:
+    """How `generate --bs` reaches the BS: address, token, deadlines, TLS files (cert, key, ca)."""
+
+    address: str
+    token: str | None
+    timeout_s: float | None
+    idle_s: float
+    tls: tuple[str | None, str | None, str | None]
+
+    def check(self) -> None:
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
+        if not self.idle_s >= 0:
+            raise ConfigError(f"--idle-timeout-s must be ≥ 0 (0: never), got {self.idle_s}")
+
+
 def generate_at_bs(
-    address: str,
-    token: str | None,
+    link: BSLink,
     prompt: str,
     max_new_tokens: int,
     temperature: float,
@@ -221,23 +252,32 @@ def generate_at_bs(
     system: str | None,
 ) -> None:
     """`wdmoe generate --bs`: the BS's generate API, the answer streamed as it comes."""
-    from wdmoe.cli_cluster import resolve_token
+    from wdmoe.cli_cluster import answer_was_served, resolve_token
     from wdmoe.runtime import api
     from wdmoe.runtime.client import BSClient
+    from wdmoe.runtime.security import TLSFiles
+
+    def queued(position: int) -> None:
+        err.print(f"[dim]queued at the BS: {position} ahead of this request…[/]")
 
     try:
+        link.check()
         req = api.GenerateRequest(prompt, max_new_tokens, temperature, top_p, seed, chat, system)
         api.parse_generate(api.encode_generate(req))  # the BS's own checks, before connecting
-        with BSClient(address, resolve_token(token)) as client:
-            m = client.generate(req, stream_to_stdout)
+        tls = TLSFiles.from_options(*link.tls)
+        with BSClient(link.address, resolve_token(link.token), tls) as client:
+            m = client.generate(req, stream_to_stdout, link.timeout_s, link.idle_s or None, queued)
     except WdmoeError as e:
         raise fail(e) from e
     sys.stdout.write("\n")
     err.print(
-        f"[dim]BS {address} · prompt {m['prompt_tokens']} tok · TTFT {1e3 * (m['ttft_s'] or 0):.0f} ms · "
+        f"[dim]BS {link.address} · prompt {m['prompt_tokens']} tok · "
+        f"TTFT {1e3 * (m['ttft_s'] or 0):.0f} ms · "
         f"{m['new_tokens']} new tok · {m['expert_calls']} expert calls, {m['dropped']} dropped, "
         f"{m['fallbacks']} at the BS[/]"
     )
+    if not answer_was_served(m):
+        raise typer.Exit(code=1)
 
 
 @app.command()

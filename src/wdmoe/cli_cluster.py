@@ -41,6 +41,11 @@ def resolve_token(token: str | None) -> str:
     return value
 
 
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {port}")
+
+
 def settings_from(policy: str, param: list[str], **fields: Any) -> Any:
     """RuntimeSettings from CLI values: the policy and its NAME=VALUE parameters are checked
     before anything loads; ``fields`` are RuntimeSettings fields (the rest keep their defaults)."""
@@ -80,6 +85,16 @@ def serve_bs_cmd(
         str, typer.Option(help="How hidden states travel: float32 (exact), bfloat16, float16.")
     ] = "float32",
     heartbeat_s: Annotated[float, typer.Option(help="Device heartbeat period; 3 missed = gone.")] = 1.0,
+    bench_after: Annotated[
+        int, typer.Option(help="Failed calls in a row that bench a device (its experts go elsewhere).")
+    ] = 3,
+    bench_s: Annotated[
+        float, typer.Option(help="First bench time (s); doubles while its probes fail, up to 60 s.")
+    ] = 5.0,
+    max_active: Annotated[int, typer.Option(help="Generate requests served at once.")] = 16,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests that may wait for a turn; more get RESOURCE_EXHAUSTED.")
+    ] = 256,
     seed: Annotated[int | None, typer.Option(help="Channel trace seed (default: the scenario's).")] = None,
     metrics_log: Annotated[
         Path | None, typer.Option(help="Append JSON lines: devices up/down, requests, summary.")
@@ -90,11 +105,13 @@ def serve_bs_cmd(
 ) -> None:
     """Run the BS: the model's BS part, the cell, and a generate API for users; devices register here."""
     from wdmoe.cli import quiet_transformers
-    from wdmoe.runtime.bs import build_bs, serve_bs
+    from wdmoe.runtime.bs import build_bs
     from wdmoe.runtime.security import TLSFiles
+    from wdmoe.runtime.service import serve_bs
 
     quiet_transformers()
     try:
+        check_port(port)
         secret = resolve_token(token)
         tls = TLSFiles.from_options(tls_cert, tls_key, tls_ca)
         settings = settings_from(
@@ -109,6 +126,10 @@ def serve_bs_cmd(
             time_scale=time_scale,
             wire_dtype=wire_dtype,
             heartbeat_s=heartbeat_s,
+            bench_after=bench_after,
+            bench_s=bench_s,
+            max_active=max_active,
+            max_queue=max_queue,
             seed=seed,
         )
         bs = build_bs(
@@ -124,7 +145,7 @@ def serve_bs_cmd(
         + (" · links emulated" if emulate_links else "")
     )
     try:
-        server.server.wait_for_termination()
+        server.wait_for_termination()
     except KeyboardInterrupt:
         pass
     finally:
@@ -179,17 +200,18 @@ def stats_cmd(
 def print_summary(summary: dict[str, Any]) -> None:
     """The per-device table of a BS summary (on stderr, so stdout keeps only answers)."""
     table = Table(title=f"BS summary · {summary['requests']} requests")
-    cols = ("slot", "address", "usable", "calls", "failures", "fallbacks", "KB down", "KB up", "compute ms")
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("address", "failures") else "right")
+    cols = ("slot", "address", "state", "calls", "failures", "skipped", "fallbacks", "KB down", "KB up")
+    for col in (*cols, "compute ms"):
+        table.add_column(col, justify="left" if col in ("address", "state", "failures") else "right")
     for d in summary["devices"]:
         fails = ", ".join(f"{k} {v}" for k, v in d["failures"].items()) or "0"
         table.add_row(
             str(d["slot"]),
             d["address"],
-            "yes" if d["usable"] else "no",
+            d.get("state", "up" if d["usable"] else "down"),
             str(d["calls"]),
             fails,
+            str(d.get("skipped", 0)),
             str(d["fallbacks"]),
             f"{d['bytes_dl'] / 1e3:.1f}",
             f"{d['bytes_ul'] / 1e3:.1f}",
@@ -198,7 +220,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     table_console(stderr=True).print(table)
     t = summary["totals"]
     err.print(
-        f"expert calls {t['expert_calls']} · failed {t['failed_calls']} · per token: measured "
+        f"expert calls {t['expert_calls']} · failed {t['failed_calls']} · not sent (device down or "
+        f"benched) {t.get('skipped', 0)} · dropped {t.get('dropped', 0)} · per token: measured "
         f"{1e3 * t['mean_token_measured_s']:.1f} ms, latency model {1e3 * t['mean_token_predicted_s']:.1f} ms"
     )
 
@@ -261,3 +284,26 @@ def cluster_cmd(
         f"{(metrics['bytes_dl'] + metrics['bytes_ul']) / 1e3:.1f} KB on the wire[/]"
     )
     print_summary(summary)
+    if not answer_was_served(metrics):
+        raise typer.Exit(code=1)
+
+
+WARN_DROP_RATE = 0.1  # a request that lost more of its experts than this is flagged
+
+
+def answer_was_served(metrics: dict[str, Any]) -> bool:
+    """Warn loudly when a request lost many of its experts; False when it lost every one (its
+    text then came from the BS's layers alone and means nothing)."""
+    calls, dropped = metrics.get("expert_calls", 0), metrics.get("dropped", 0)
+    if calls and dropped >= calls:
+        err.print(
+            f"[bold red]error:[/] every one of the {calls} expert calls of this request failed: the "
+            "answer above is not the model's. Check the devices (their logs, `wdmoe stats`)."
+        )
+        return False
+    if calls and dropped / calls >= WARN_DROP_RATE:
+        err.print(
+            f"[bold yellow]warning:[/] {dropped} of {calls} expert calls ({100 * dropped / calls:.0f} %) "
+            "were dropped: the answer is degraded. Devices late, down or benched? See the summary."
+        )
+    return True

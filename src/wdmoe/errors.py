@@ -13,6 +13,10 @@ class ModelNotFoundError(WdmoeError, FileNotFoundError):
     """A checkpoint path or the default model's weights package is missing."""
 
 
+class ModelFolderError(ConfigError):
+    """A model folder or weights file is there but unreadable or malformed (names file and fault)."""
+
+
 class UnsupportedModelError(WdmoeError):
     """The checkpoint is not a Mixture-of-Experts model wdmoe has an adapter for."""
 

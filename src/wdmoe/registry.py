@@ -1,9 +1,11 @@
 """A tiny name → implementation registry shared by every extension axis."""
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+import inspect
+import types
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any, Generic, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from wdmoe.errors import UnknownNameError
+from wdmoe.errors import ConfigError, UnknownNameError, WdmoeError
 
 T = TypeVar("T")
 
@@ -28,8 +30,84 @@ class Registry(Generic[T]):
             raise UnknownNameError(self.kind, name, list(self._items))
         return self._items[name]
 
+    def make(self, name: str, params: Mapping[str, Any], hidden: Collection[str] = ()) -> Any:
+        """Build ``name`` with keyword ``params``; a wrong name or type raises ConfigError.
+
+        Values reach us from the command line and TOML files, so a typo or a string where a
+        number belongs must be refused here, naming the parameter, rather than surface later as a
+        TypeError deep inside the implementation (or, worse, be accepted). ``hidden`` parameters
+        are accepted but not advertised in the message (internal state, the display name).
+        """
+        factory: Any = self.get(name)
+        check_params(f"{self.kind} {name!r}", parameter_types(factory), params, hidden)
+        try:
+            return factory(**params)
+        except WdmoeError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.kind} {name!r} with {dict(params)}: {e}") from e
+
     def names(self) -> list[str]:
         return sorted(self._items)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
+
+
+def parameter_types(factory: Callable[..., Any]) -> dict[str, Any] | None:
+    """The keyword parameters of ``factory`` and their annotations (Any when unannotated);
+    None when it takes ``**kwargs`` (then any name is allowed)."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    try:  # a dataclass's fields carry the annotations of its __init__
+        hints = get_type_hints(factory)
+    except (NameError, TypeError):  # an annotation that does not resolve: check names only
+        hints = {}
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: hints.get(p.name, Any) for p in params if p.kind in keyword}
+
+
+def check_params(
+    what: str, accepted: Mapping[str, Any] | None, params: Mapping[str, Any], hidden: Collection[str] = ()
+) -> None:
+    """Raise ConfigError for a parameter ``what`` does not take or a value of the wrong type."""
+    if accepted is None:
+        return
+    listing = ", ".join(f"{k}: {type_name(t)}" for k, t in accepted.items() if k not in hidden) or "none"
+    for key, value in params.items():
+        if key not in accepted:
+            raise ConfigError(f"{what} does not take {key}={value!r}; its parameters: {listing}")
+        if not matches(value, accepted[key]):
+            raise ConfigError(
+                f"{what}: {key}={value!r} must be {type_name(accepted[key])}, "
+                f"not {type(value).__name__}; its parameters: {listing}"
+            )
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (an int fits float; a bool fits only bool)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(matches(value, arg) for arg in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if hint is None or hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, int | float if hint is float else int) and not isinstance(value, bool)
+    try:
+        return isinstance(value, origin or hint)
+    except TypeError:  # an annotation isinstance cannot check (a TypeVar, a Protocol)
+        return True  # let the factory decide
+
+
+def type_name(hint: Any) -> str:
+    """``float``, ``int | None``, ``SloState | None``: the annotation as a user reads it."""
+    if inspect.isclass(hint) and get_origin(hint) is None:
+        return "None" if hint is type(None) else hint.__name__
+    if get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in get_args(hint))
+    return str(hint).replace("typing.", "")

@@ -6,15 +6,17 @@ BS part is every other tensor of the state dict, under its original name.
 """
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from wdmoe.errors import ModelNotFoundError
+from wdmoe.errors import ModelFolderError, ModelNotFoundError
 from wdmoe.models.experts import ExpertWeights
 from wdmoe.types import CausalLM
 
@@ -23,6 +25,7 @@ from wdmoe.types import CausalLM
 
 EXPERT_PARAMS = (".experts.gate_up_proj", ".experts.down_proj")
 BS_FILE = "bs.safetensors"
+SHARD_FORMAT = "wdmoe-expert/1"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def save_expert_shard(weights: ExpertWeights, shard: ShardId, folder: Path) -> P
         "layer": str(shard.layer),
         "expert": str(shard.expert),
         "act": weights.act,
-        "format": "wdmoe-expert/1",
+        "format": SHARD_FORMAT,
     }
     path = folder / shard.filename
     save_file(
@@ -65,14 +68,49 @@ def save_expert_shard(weights: ExpertWeights, shard: ShardId, folder: Path) -> P
     return path
 
 
+@contextmanager
+def safetensors_file(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``, its header checked; a file that is not safetensors (text, truncated,
+    not readable) raises ModelFolderError naming it instead of safetensors' bare message."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def shard_id(path: Path, meta: dict[str, str] | None, names: set[str]) -> ShardId:
+    """The id in a shard's metadata; anything but a file :func:`save_expert_shard` wrote raises
+    ModelFolderError naming the file and what is missing."""
+    meta = meta or {}
+    if meta.get("format") != SHARD_FORMAT or not {"gate_up", "down"} <= names:
+        raise ModelFolderError(
+            f"{path} is not a wdmoe expert shard: expected format {SHARD_FORMAT!r} and tensors "
+            f"gate_up, down; found format {meta.get('format')!r} and tensors {sorted(names)}"
+        )
+    if not all(meta.get(k, "").isdecimal() for k in ("layer", "expert")) or not meta.get("act"):
+        fields = {k: meta.get(k) for k in ("layer", "expert", "act")}
+        raise ModelFolderError(f"{path}: expert shard metadata {fields} needs integer layer, expert, an act")
+    return ShardId(int(meta["layer"]), int(meta["expert"]))
+
+
+def check_shapes(path: Path, w: ExpertWeights) -> None:
+    """gate_up [2F, D] and down [D, F], or ModelFolderError naming the file and the shapes."""
+    gu, dn = tuple(w.gate_up.shape), tuple(w.down.shape)
+    if len(gu) != 2 or len(dn) != 2 or gu != (2 * dn[1], dn[0]):
+        raise ModelFolderError(f"{path}: expert shard shapes gate_up {gu}, down {dn} are not [2F, D], [D, F]")
+
+
 def load_expert_shard(path: Path) -> tuple[ShardId, ExpertWeights]:
-    """Read one shard: its id and weights (only this file is read)."""
+    """Read one shard: its id and weights (only this file is read). A missing file raises
+    ModelNotFoundError; a file that is not a shard, ModelFolderError naming it."""
     if not path.is_file():
-        raise ModelNotFoundError(f"expert shard {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        weights = ExpertWeights(f.get_tensor("gate_up"), f.get_tensor("down"), meta["act"])
-    return ShardId(int(meta["layer"]), int(meta["expert"])), weights
+        raise ModelNotFoundError(f"expert shard {path} does not exist (or is not a file)")
+    with safetensors_file(path) as f:
+        shard = shard_id(path, f.metadata(), set(f.keys()))
+        weights = ExpertWeights(f.get_tensor("gate_up"), f.get_tensor("down"), f.metadata()["act"])
+    check_shapes(path, weights)
+    return shard, weights
 
 
 def split_model(model: CausalLM, folder: Path) -> list[Path]:
@@ -107,7 +145,9 @@ def dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_bs_part(model: CausalLM, folder: Path) -> list[str]:
     """Load the BS part into ``model``; return the names it did not provide (the experts)."""
-    with safe_open(str(folder / BS_FILE), framework="pt") as f:
+    if not (folder / BS_FILE).is_file():
+        raise ModelNotFoundError(f"{folder / BS_FILE} does not exist: run `wdmoe model split` first")
+    with safetensors_file(folder / BS_FILE) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()

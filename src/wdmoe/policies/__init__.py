@@ -13,10 +13,15 @@ from wdmoe.policies.base import Policy, check_selection, mask_selection
 from wdmoe.policies.costs import ExpertLatency, bs_estimate, noisy_csi
 from wdmoe.policies.registry import POLICIES
 
+# Accepted by every policy but not user settings: the display name and the SLO controller's state.
+INTERNAL_PARAMS = ("name", "state")
+
 
 def make_policy(name: str, **params: Any) -> Policy:
-    """Build a registered policy by name; unknown names raise UnknownNameError."""
-    policy: Policy = POLICIES.get(name)(**params)
+    """Build a registered policy by name. An unknown name raises UnknownNameError; a parameter
+    the policy does not take, or a value of the wrong type or range, raises ConfigError naming
+    the policy, the parameter, the value and the parameters it takes (with their types)."""
+    policy: Policy = POLICIES.make(name, params, hidden=INTERNAL_PARAMS)
     return policy
 
 

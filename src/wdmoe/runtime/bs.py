@@ -16,21 +16,23 @@ model's dispatcher: for every MoE layer it
 5. records the latency model's prediction and the measured latency per layer, request and device.
 
 Forwards run one at a time (a lock): several users' requests interleave token by token.
-:func:`serve_bs` puts a BaseStation behind gRPC: Register, Generate (streaming), Stats and the
-standard health service, all but health behind the shared token (optionally mutual TLS).
+A device that keeps failing its calls is benched (its experts go to replicas or are dropped up
+front, without waiting) and probed after a back-off; a device whose heartbeats lapse is marked
+down; both are events of the metrics log. :mod:`wdmoe.runtime.service` puts a BaseStation behind
+gRPC (Register, Generate, Stats, health).
 """
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,9 +53,9 @@ from wdmoe.policies import make_policy
 from wdmoe.policies.costs import ExpertLatency, bs_estimate
 from wdmoe.runtime import api
 from wdmoe.runtime.device import RUN_EXPERT
-from wdmoe.runtime.placement import DeviceEntry, ExpertKey, PlacementError, Registry
+from wdmoe.runtime.placement import DeviceEntry, ExpertKey, Registry
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
-from wdmoe.runtime.server import GRPC_OPTIONS, start_server
+from wdmoe.runtime.server import GRPC_OPTIONS
 from wdmoe.runtime.wire import (
     DTYPES,
     KIND_REQUEST,
@@ -83,6 +85,9 @@ class RuntimeSettings:
     time_scale·slack·t_u(estimate) + grace_s wall seconds (capped at max_wait_s).
     emulate_links: wait out the channel's DL/UL delays; time_scale: wall seconds per simulated second
     (0.001 runs an hour of cell in 3.6 s). wire_dtype: how hidden states travel (float32 is exact).
+    bench_after: failed calls in a row that bench a device for bench_s (doubling while it keeps
+    failing its probes, up to 60 s). max_active: generations served at once; max_queue: requests
+    that may wait for a turn beyond those (more are refused with RESOURCE_EXHAUSTED).
     """
 
     policy: str = "topk"
@@ -96,6 +101,10 @@ class RuntimeSettings:
     time_scale: float = 1.0
     wire_dtype: str = "float32"
     heartbeat_s: float = 1.0
+    bench_after: int = 3
+    bench_s: float = 5.0
+    max_active: int = 16
+    max_queue: int = 256
     seed: int | None = None
     csi_delay_blocks: int = 0
     csi_error_std_db: float = 0.0
@@ -109,16 +118,22 @@ class RuntimeSettings:
         check_range("max_wait_s", self.max_wait_s, 0.0, 86400.0, lo_open=True)
         check_range("time_scale", self.time_scale, 0.0, 1e6, lo_open=True)
         check_range("heartbeat_s", self.heartbeat_s, 0.01, 3600.0)
+        check_range("bench_after", self.bench_after, 1, 1e6)
+        check_range("bench_s", self.bench_s, 0.0, 3600.0, lo_open=True)
+        check_range("max_active", self.max_active, 1, 4096)
+        check_range("max_queue", self.max_queue, 0, 1e6)
         check_range("trace_blocks", self.trace_blocks, 1, 1e8)
 
 
 @dataclass
 class DeviceStats:
-    """What one device slot did: expert calls, failures by code, bytes, times (wall s)."""
+    """What one device slot did: expert calls, failures by code, skipped experts, bytes, times (wall s)."""
 
     calls: int = 0
     answered: int = 0
     fallbacks: int = 0
+    skipped: int = 0  # experts not sent: the device was down or benched and no replica could serve
+    probes: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     bytes_dl: int = 0
     bytes_ul: int = 0
@@ -262,7 +277,13 @@ class BaseStation:
         self.scenario = runtime_scenario(scenario, self.wire_dtype)
         self.num_slots = scenario.cell.num_devices
         self.registry = Registry(
-            self.num_slots, tuple(sorted(wm.blocks)), wm.num_experts, s.heartbeat_s, s.heartbeat_s
+            self.num_slots,
+            tuple(sorted(wm.blocks)),
+            wm.num_experts,
+            s.heartbeat_s,
+            s.heartbeat_s,
+            bench_after=s.bench_after,
+            bench_s=s.bench_s,
         )
         seed = scenario.seed if s.seed is None else s.seed
         self.trace = generate_trace(self.scenario, s.trace_blocks, seed)
@@ -275,7 +296,9 @@ class BaseStation:
         self.boot = secrets.token_hex(8)
         self.t0 = time.monotonic()
         self.stats: dict[int, DeviceStats] = {u: DeviceStats() for u in range(self.num_slots)}
-        self.requests: list[dict[str, Any]] = []
+        self.dropped = self.fallbacks = 0  # experts the model went without / ran at the BS
+        self.served = Counter[str]()  # requests answered; sums of their per-token latencies (s)
+        self.log_lock = threading.Lock()
         self.forward_lock = threading.Lock()
         self.stats_lock = threading.Lock()
         self.current: Forward | None = None
@@ -283,9 +306,11 @@ class BaseStation:
         self.ids = itertools.count(1)
         self.request_ids = itertools.count(1)
         self.channels: dict[str, Any] = {}  # grpc.aio channels, used on self.loop only
-        self.loop = asyncio.new_event_loop()  # all device calls and emulated delays run here
-        threading.Thread(target=self.loop.run_forever, name="bs-links", daemon=True).start()
         self.log_file = open(metrics_log, "a", buffering=1) if metrics_log else None  # noqa: SIM115
+        self.per_token_s = self.snapshot(self.block())[2]  # the last forward's, for probes
+        self.loop = asyncio.new_event_loop()  # all device calls, emulated delays and the watch run here
+        threading.Thread(target=self.loop.run_forever, name="bs-links", daemon=True).start()
+        self.watcher = asyncio.run_coroutine_threadsafe(self.watch(), self.loop)
         wm.set_dispatcher(self)
         self._wrap_forward()
 
@@ -298,14 +323,21 @@ class BaseStation:
     def block(self) -> int:
         return int(self.sim_time_s() // self.trace.block_s) % self.trace.num_blocks
 
-    def begin_forward(self, request: RequestStats | None) -> Forward:
-        """The channel snapshot this forward decides and is priced on; the policy's view of it."""
+    def snapshot(self, block: int) -> tuple[ChannelState, ExpertLatency, np.ndarray]:
+        """The BS's channel estimate at ``block``, the policy's latency view on it (experts placed on
+        their best live device) and one token's time per slot [U]."""
         s = self.settings
-        block = self.block()
         estimate = bs_estimate(self.trace, block, self.csi_rng, s.csi_delay_blocks, s.csi_error_std_db)
         base = ExpertLatency.from_scenario(self.scenario, estimate, placement=np.arange(self.num_slots))
         per_token = base.device_time_s(np.ones(self.num_slots))
         view = replace(base, placement=np.asarray(self.registry.expert_slots(per_token), dtype=np.int64))
+        return estimate, view, per_token
+
+    def begin_forward(self, request: RequestStats | None) -> Forward:
+        """The channel snapshot this forward decides and is priced on; the policy's view of it."""
+        block = self.block()
+        estimate, view, per_token = self.snapshot(block)
+        self.per_token_s = per_token
         self.wm.set_context(estimate, view)
         return Forward(request, estimate, self.trace.state(block), view, per_token, time.monotonic())
 
@@ -357,7 +389,8 @@ class BaseStation:
         for e, x in inputs.items():
             device = self.registry.choose((layer, e), fwd.per_token_s)
             if device is None:
-                nowhere = DeviceEntry(-1, "", frozenset(), "", 0.0)
+                owner = self.registry.preferred((layer, e), fwd.per_token_s)
+                nowhere = owner or DeviceEntry(-1, "", frozenset(), "", 0.0)
                 message = f"no usable device hosts layer {layer} expert {e}"
                 lost.append(Call(layer, e, x, nowhere, code="NO_DEVICE", message=message))
             else:
@@ -456,14 +489,14 @@ class BaseStation:
             return
         except WireError as err:
             for c in group:
-                c.code, c.message = "WIRE", str(err)
+                c.code, c.message = "WIRE", f"malformed answer: {err}"
             return
         by_id = {r.request_id: r for r in responses if isinstance(r, ExpertResponse)}
         for c, req in zip(group, reqs, strict=True):
             resp = by_id.get(req.request_id)
-            if resp is None or resp.outputs.shape != c.hidden.shape:
-                got = "no answer" if resp is None else f"outputs {list(resp.outputs.shape)}"
-                c.code, c.message = "WIRE", f"{got} for hidden {list(c.hidden.shape)}"
+            code, problem = answer_problem(resp, c.hidden)
+            if resp is None or code:
+                c.code, c.message = code, problem
             else:
                 c.outputs, c.compute_s = resp.outputs.to(c.hidden.dtype), resp.compute_s
 
@@ -511,6 +544,9 @@ class BaseStation:
                     outputs[c.expert] = c.outputs
                 else:
                     st.failures[c.code] += 1
+            for c in lost:
+                if c.device.slot >= 0:
+                    self.stats[c.device.slot].skipped += 1
             failed = list(lost) + [c for c in inputs_of(calls) if c.expert not in outputs]
             if request is not None:
                 request.expert_calls += len(sent) + len(lost)
@@ -519,19 +555,49 @@ class BaseStation:
         for c in inputs_of(retries):
             if c.code == "UNAVAILABLE":
                 self.mark_down(c)
+        self.judge(calls, retries)
         if failed and self.local is not None:
             local = self.local.run(layer, {c.expert: c.hidden for c in failed})
             outputs.update(local)
-            with self.stats_lock:
+        self.count_failed(failed, request, fallback=self.local is not None)
+        return outputs
+
+    def count_failed(self, failed: list[Call], request: RequestStats | None, fallback: bool) -> None:
+        """Experts without a device answer: run at the BS (fallback) or dropped, in every book."""
+        if not failed:
+            return
+        with self.stats_lock:
+            if fallback:
+                self.fallbacks += len(failed)
                 for c in failed:
                     if c.device.slot >= 0:
                         self.stats[c.device.slot].fallbacks += 1
-                if request is not None:
-                    request.fallbacks += len(failed)
-        elif failed and request is not None:
-            with self.stats_lock:
+            else:
+                self.dropped += len(failed)
+            if request is not None and fallback:
+                request.fallbacks += len(failed)
+            elif request is not None:
                 request.dropped += len(failed)
-        return outputs
+
+    def judge(self, *rounds: dict[int, list[Call]]) -> None:
+        """One strike per device message that failed (not for an unreachable device: that one is
+        down already), a clean record for one answered; a device with too many strikes is benched."""
+        for calls in rounds:
+            for u, group in calls.items():
+                if any(c.code == "UNAVAILABLE" for c in group):
+                    continue
+                answered = all(c.outputs is not None for c in group)
+                if self.registry.record(u, answered) and not answered:
+                    entry = group[0].device
+                    bad = next(c for c in group if c.outputs is None)
+                    self.event(
+                        "device_benched",
+                        slot=u,
+                        address=entry.address,
+                        backoff_s=self.registry.backoff_s(entry),
+                        reason=f"{self.settings.bench_after} failed calls in a row, the last "
+                        f"{bad.code}: {bad.message[:200]}",
+                    )
 
     # --- channels to devices ------------------------------------------------------------------
 
@@ -542,8 +608,9 @@ class BaseStation:
             channel = self.channels[address] = open_channel(address, self.tls, GRPC_OPTIONS, aio=True)
         return channel.unary_unary(RUN_EXPERT)
 
-    def forget(self, address: str) -> None:
-        """Close the channel to ``address``: the next call connects afresh (no reconnect back-off)."""
+    def forget(self, address: str, wait: bool = True) -> None:
+        """Close the channel to ``address``: the next call connects afresh (no reconnect back-off).
+        ``wait=False``: only schedule it (a handler of the API must not block on the link loop)."""
 
         async def drop() -> None:
             channel = self.channels.pop(address, None)
@@ -551,14 +618,69 @@ class BaseStation:
                 await channel.close()
 
         if not self.loop.is_closed():
-            asyncio.run_coroutine_threadsafe(drop(), self.loop).result(timeout=10)
+            done = asyncio.run_coroutine_threadsafe(drop(), self.loop)
+            if wait:
+                done.result(timeout=10)
+
+    # --- liveness: lapsed heartbeats, probes of benched devices -------------------------------
+
+    async def shutdown(self) -> None:
+        """On the link loop: stop the watch, close every device channel."""
+        self.watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wrap_future(self.watcher)
+        channels = list(self.channels.values())
+        self.channels.clear()
+        for channel in channels:
+            await channel.close()
+
+    async def watch(self) -> None:
+        """Every quarter heartbeat: announce devices whose heartbeats lapsed; probe benched devices
+        whose back-off has passed (a probe never holds up a user's forward)."""
+        period = self.settings.heartbeat_s / 4
+        while True:
+            for entry in self.registry.expire():
+                ago = time.monotonic() - entry.last_seen
+                self.event(
+                    "device_down",
+                    slot=entry.slot,
+                    address=entry.address,
+                    reason=f"missed heartbeats: last seen {ago:.1f} s ago",
+                )
+            for entry in self.registry.due_probes():
+                self.loop.create_task(self.probe(entry))
+            await asyncio.sleep(period)
+
+    async def probe(self, entry: DeviceEntry) -> None:
+        """One token through one of ``entry``'s experts, with the deadline a real call would get;
+        readmits the device when it answers in time, benches it again otherwise."""
+        s = self.settings
+        layer, expert = min(entry.experts)
+        hidden = torch.zeros(1, self.scenario.model.hidden_size)
+        budget = s.time_scale * s.slack * float(self.per_token_s[entry.slot]) + s.grace_s
+        call = Call(layer, expert, hidden, entry)
+        try:
+            async with asyncio.timeout(min(budget, s.max_wait_s)):
+                await self.call([call], budget)
+        except TimeoutError:
+            call.outputs, call.code = None, "DEADLINE_EXCEEDED"
+        with self.stats_lock:
+            self.stats[entry.slot].probes += 1
+        if self.registry.probe_result(entry.slot, call.outputs is not None):
+            self.event("device_readmitted", slot=entry.slot, address=entry.address)
+        else:
+            reason = f"probe failed: {call.code} {call.message[:200]}".strip()
+            backoff = self.registry.backoff_s(entry)
+            self.event(
+                "device_benched", slot=entry.slot, address=entry.address, backoff_s=backoff, reason=reason
+            )
 
     # --- devices, users, metrics ----------------------------------------------------------------
 
     def register(self, reg: api.Registration, static: bool = False) -> DeviceEntry:
         entry, came_up = self.registry.register(reg.slot, reg.address, reg.experts, reg.name, static)
         if came_up:
-            self.forget(reg.address)
+            self.forget(reg.address, wait=False)
             self.event(
                 "device_up", slot=reg.slot, address=reg.address, experts=len(reg.experts), name=reg.name
             )
@@ -604,63 +726,82 @@ class BaseStation:
         stats.prompt_tokens, stats.new_tokens = result.prompt_tokens, result.new_tokens
         summary = stats.summary() | {"text": result.text}
         with self.stats_lock:
-            self.requests.append(summary)
+            self.served.update(
+                requests=1,
+                token_measured_s=summary["token_measured_s"],
+                token_predicted_s=summary["token_predicted_s"],
+            )
         self.event("request", **{k: v for k, v in summary.items() if k != "text"})
         return summary
 
     def summary(self) -> dict[str, Any]:
         """Per-device and overall figures since the BS started."""
         with self.stats_lock:
-            devices: list[dict[str, Any]] = []
-            for u, st in self.stats.items():
-                entry = self.registry.devices.get(u)
-                usable = entry is not None and self.registry.usable(entry)
-                address = entry.address if entry else ""
-                devices.append({"slot": u, "address": address, "usable": usable} | st.row())
-            reqs = list(self.requests)
-        calls = sum(d["calls"] for d in devices)
-        fails = sum(sum(d["failures"].values()) for d in devices)
+            devices = [self.device_row(u, st) for u, st in self.stats.items()]
+            served = self.served.copy()
+            dropped, fallbacks = self.dropped, self.fallbacks
+        n = served["requests"]
         return {
             "boot": self.boot,
             "devices": devices,
-            "requests": len(reqs),
+            "requests": n,
             "totals": {
-                "expert_calls": calls,
-                "failed_calls": fails,
+                "expert_calls": sum(d["calls"] for d in devices),
+                "failed_calls": sum(sum(d["failures"].values()) for d in devices),
+                "skipped": sum(d["skipped"] for d in devices),
+                "dropped": dropped,
+                "fallbacks": fallbacks,
                 "bytes_dl": sum(d["bytes_dl"] for d in devices),
                 "bytes_ul": sum(d["bytes_ul"] for d in devices),
-                "mean_token_measured_s": float(np.mean([r["token_measured_s"] for r in reqs]))
-                if reqs
-                else 0.0,
-                "mean_token_predicted_s": float(np.mean([r["token_predicted_s"] for r in reqs]))
-                if reqs
-                else 0.0,
+                "mean_token_measured_s": served["token_measured_s"] / n if n else 0.0,
+                "mean_token_predicted_s": served["token_predicted_s"] / n if n else 0.0,
             },
             "missing_experts": len(self.registry.missing()),
         }
 
+    def device_row(self, u: int, st: DeviceStats) -> dict[str, Any]:
+        """Slot ``u``'s line of the summary: where it is, its state (up/down/benched/probing/absent)."""
+        entry = self.registry.devices.get(u)
+        usable = entry is not None and self.registry.usable(entry)
+        state = entry.state(usable) if entry is not None else "absent"
+        address = entry.address if entry else ""
+        return {"slot": u, "address": address, "usable": usable, "state": state} | st.row()
+
     def event(self, kind: str, **values: Any) -> None:
-        """One line of the metrics log (JSON) and the Python log."""
+        """One line of the metrics log (JSON) and the Python log (from any thread)."""
         log.info("%s %s", kind, values)
-        if self.log_file is not None:
-            self.log_file.write(
-                json.dumps({"event": kind, "time_s": time.time()} | values, default=str) + "\n"
-            )
+        line = json.dumps({"event": kind, "time_s": time.time()} | values, default=str) + "\n"
+        with self.log_lock:
+            if self.log_file is not None:
+                self.log_file.write(line)
 
     def close(self) -> None:
         """Write the summary, close the device channels and stop the event loop (idempotent)."""
         if self.loop.is_closed():
             return
         self.event("summary", **self.summary())
-        for address in list(self.channels):
-            self.forget(address)
+        asyncio.run_coroutine_threadsafe(self.shutdown(), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         while self.loop.is_running():
             time.sleep(0.001)
         self.loop.close()
-        if self.log_file is not None:
-            self.log_file.close()
-            self.log_file = None
+        with self.log_lock:
+            if self.log_file is not None:
+                self.log_file.close()
+                self.log_file = None
+
+
+def answer_problem(resp: ExpertResponse | None, hidden: torch.Tensor) -> tuple[str, str]:
+    """(code, message) of what is wrong with a device's answer to ``hidden`` [n, D]; ("", "") when
+    nothing: missing or of another shape or kind (WIRE), or holding NaN/inf (NONFINITE)."""
+    if resp is None:
+        return "WIRE", f"no answer for hidden {list(hidden.shape)}"
+    y = resp.outputs
+    if y.shape != hidden.shape or not y.is_floating_point():
+        return "WIRE", f"outputs {y.dtype} {list(y.shape)} for hidden {list(hidden.shape)}"
+    if not bool(torch.isfinite(y).all()):
+        return "NONFINITE", f"outputs [{y.shape[0]}, {y.shape[-1]}] hold NaN or inf"
+    return "", ""
 
 
 def inputs_of(calls: dict[int, list[Call]]) -> list[Call]:
@@ -669,101 +810,6 @@ def inputs_of(calls: dict[int, list[Call]]) -> list[Call]:
 
 async def gather(jobs: list[Any]) -> None:
     await asyncio.gather(*jobs)
-
-
-# --- the gRPC face -------------------------------------------------------------------------------
-
-
-class BSService:
-    """Register / Generate / Stats handlers over a BaseStation; errors become gRPC statuses."""
-
-    def __init__(self, bs: BaseStation) -> None:
-        self.bs = bs
-
-    def register(self, request: bytes, context: Any) -> bytes:
-        try:
-            entry = self.bs.register(api.parse_registration(request))
-        except (api.ApiError, PlacementError) as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"registration refused: {err}")
-        reply = {"boot": self.bs.boot, "heartbeat_s": self.bs.settings.heartbeat_s, "slot": entry.slot}
-        return api.dump(reply)
-
-    def stats(self, request: bytes, context: Any) -> bytes:
-        try:
-            api.load(request, "Stats")
-        except api.ApiError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        return api.dump(self.bs.summary())
-
-    def generate(self, request: bytes, context: Any) -> Iterator[bytes]:
-        """Stream the text as it is decoded, then one message with the request's metrics."""
-        try:
-            req = api.parse_generate(request)
-        except api.ApiError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        out: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-        def on_text(piece: str) -> None:
-            if not context.is_active():
-                raise Cancelled("the client went away")
-            if piece:
-                out.put(("text", piece))
-
-        def work() -> None:
-            try:
-                out.put(("done", self.bs.generate(req, on_text)))
-            except Cancelled:
-                out.put(("cancelled", None))
-            except WdmoeError as err:
-                out.put(("error", (grpc.StatusCode.INVALID_ARGUMENT, str(err))))
-            except Exception as err:  # a bug must reach the user as an error, not kill the server
-                log.exception("generation failed")
-                out.put(("error", (grpc.StatusCode.INTERNAL, f"generation failed: {err!r}")))
-
-        threading.Thread(target=work, name="generate", daemon=True).start()
-        while True:
-            kind, value = out.get()
-            if kind == "text":
-                yield json.dumps({"text": value}).encode()
-            elif kind == "done":
-                yield json.dumps({"done": True, "metrics": value}).encode()
-                return
-            elif kind == "cancelled":
-                return
-            else:
-                context.abort(*value)
-
-    def handlers(self) -> Any:
-        methods = {
-            "Register": grpc.unary_unary_rpc_method_handler(self.register),
-            "Stats": grpc.unary_unary_rpc_method_handler(self.stats),
-            "Generate": grpc.unary_stream_rpc_method_handler(self.generate),
-        }
-        return grpc.method_handlers_generic_handler(api.BS_SERVICE, methods)
-
-
-@dataclass
-class BSServer:
-    """A serving BS: ``address`` for devices and users; ``stop()`` ends it (and closes the BS)."""
-
-    bs: BaseStation
-    server: Any
-    host: str
-    port: int
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def stop(self, grace_s: float | None = 1.0) -> None:
-        self.server.stop(grace_s).wait()
-        self.bs.close()
-
-    def __enter__(self) -> "BSServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def build_bs(
@@ -792,9 +838,3 @@ def build_bs(
     if settings.mode != "fallback":
         wm.release_experts()
     return BaseStation(wm, tok, fitted, settings, token=token, tls=tls, metrics_log=metrics_log)
-
-
-def serve_bs(bs: BaseStation, token: str, host: str = "127.0.0.1", port: int = 0) -> BSServer:
-    """Serve ``bs`` on host:port (loopback by default; 0 picks a free port)."""
-    server, bound = start_server(BSService(bs).handlers(), token, host, port, bs.tls)
-    return BSServer(bs, server, host, bound)

@@ -31,11 +31,12 @@ from transformers import PreTrainedTokenizerBase
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.models.install import WirelessModel, install
-from wdmoe.models.loading import load_checkpoint
+from wdmoe.models.loading import check_model_folder, load_checkpoint
 from wdmoe.models.split import split_model
-from wdmoe.runtime.bs import BaseStation, BSServer, RuntimeSettings, fit_scenario, serve_bs
+from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient, BSError
 from wdmoe.runtime.device import ExpertKey
+from wdmoe.runtime.service import BSServer, serve_bs
 
 
 class ClusterError(WdmoeError):
@@ -105,6 +106,8 @@ def settings_args(s: RuntimeSettings) -> list[str]:
         "--heartbeat-s",
         str(s.heartbeat_s),
     ]
+    args += ["--bench-after", str(s.bench_after), "--bench-s", str(s.bench_s)]
+    args += ["--max-active", str(s.max_active), "--max-queue", str(s.max_queue)]
     args += ["--emulate-links" if s.emulate_links else "--no-emulate-links"]
     for key, value in s.params.items():
         args += ["--param", f"{key}={value}"]
@@ -166,6 +169,8 @@ class Cluster:
     def start(self) -> None:
         """Load and split the model, start the BS and every worker, wait until all registered."""
         cell = load_scenario(self.scenario_name, self.overrides)  # bad overrides fail first
+        if self.spec != "default":
+            check_model_folder(Path(self.spec))  # a broken folder is named before any process starts
         net, self.tok = load_checkpoint(self.spec, top_k=self.top_k)
         wm = install(net)
         if self.num_devices > wm.num_experts:

@@ -12,8 +12,10 @@ every heartbeat (so it is found again after the BS or the device restarts).
 
 import argparse
 import logging
+import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -61,6 +63,14 @@ class DeviceWorker:
             shard, weights = load_expert_shard(Path(path))
             experts[(shard.layer, shard.expert)] = weights
         return cls(experts, delay_s)
+
+    def warm(self) -> None:
+        """Run every hosted expert once on one token: the first real call must not pay for lazy
+        work (importing the activation from transformers takes ~2 s in a fresh process, longer than
+        any deadline), so a device is ready only once this is done."""
+        with torch.no_grad():
+            for weights in self.experts.values():
+                run_expert(weights, torch.zeros(1, weights.hidden_size, dtype=weights.down.dtype))
 
     def run_expert(self, request: bytes, context: Any) -> bytes:
         """RunExpert: a refused or malformed request aborts that call with a status, never the server.
@@ -239,8 +249,24 @@ def serve(
 ) -> DeviceServer:
     """Load ``shards`` and start serving on host:port (0 picks a free port); returns once listening."""
     worker = DeviceWorker.from_shards(shards, delay_s)
+    worker.warm()
     server, bound = start_server(worker.handler(), token, host, port, tls, workers)
     return DeviceServer(worker, server, host, bound)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ConfigError naming the first flag with a value the worker cannot use."""
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    if not math.isfinite(args.inject_delay_ms) or not 0 <= args.inject_delay_ms <= 3.6e6:
+        raise ConfigError(f"--inject-delay-ms must be in 0..3600000 ms, got {args.inject_delay_ms}")
+    if args.bs and args.slot is None:
+        raise ConfigError("--bs needs --slot: the device's position in the cell (0..U-1)")
+    if args.slot is not None and args.slot < 0:
+        raise ConfigError(f"--slot must be ≥ 0 (the device's position in the cell), got {args.slot}")
+    for path in args.shards:
+        if not path.is_file():
+            raise ConfigError(f"--shards: {str(path)!r} is not a file (shards come from `wdmoe model split`)")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m wdmoe.runtime.device") -> None:
@@ -265,14 +291,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m wdmoe.runtime
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        check_args(args)
         tls = TLSFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
-        if args.bs and args.slot is None:
-            raise ConfigError("--bs needs --slot: the device's position in the cell (0..U-1)")
         device = serve(
             args.shards, args.port, args.token, args.host, tls=tls, delay_s=args.inject_delay_ms / 1e3
         )
-    except (WdmoeError, OSError) as err:
-        parser.error(str(err))  # exits with status 2 and the message, no traceback
+    except (WdmoeError, OSError) as err:  # one line and status 2, no usage, no traceback
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"device listening on {device.address}, hosting {device.hosted}", flush=True)
     if args.bs:
         device.register(args.bs, args.token, args.slot, args.advertise, tls, args.name)

@@ -7,6 +7,13 @@ it has not failed since its last heartbeat; a static entry that failed is tried 
 ``retry_s``. Several devices may host the same expert (replicas): ``choose`` takes the usable host
 whose channel gives one token the shortest time. No maths here: the per-slot times come from the
 latency view.
+
+Liveness has two sources: heartbeats, and the device's answers (an answered call counts as one).
+A device whose heartbeats lapse (3 periods) is ``expire``d: down until it registers again. A
+device that keeps failing its calls (``bench_after`` in a row, typically deadline misses) is
+*benched*: unusable for a back-off (``bench_s``, doubling on each bench in a row up to
+``bench_max_s``) so that no request waits out its deadlines; after the back-off the BS probes it
+(``due_probes``) and ``probe_result`` readmits it or benches it again.
 """
 
 import threading
@@ -34,6 +41,20 @@ class DeviceEntry:
     static: bool = False
     down_since: float | None = None
     registrations: int = 1
+    strikes: int = 0  # calls failed in a row
+    benches: int = 0  # benches in a row (reset by an answered call)
+    benched_until: float | None = None  # benched: not used; probed once this time has passed
+    probing: bool = False
+
+    @property
+    def benched(self) -> bool:
+        return self.benched_until is not None
+
+    def state(self, usable: bool) -> str:
+        """up, down, benched or probing (for tables and the Stats RPC)."""
+        if self.benched:
+            return "probing" if self.probing else "benched"
+        return "up" if usable else "down"
 
 
 @dataclass
@@ -45,6 +66,9 @@ class Registry:
     num_experts: int
     heartbeat_s: float = 1.0
     retry_s: float = 1.0
+    bench_after: int = 3
+    bench_s: float = 5.0
+    bench_max_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
     devices: dict[int, DeviceEntry] = field(default_factory=dict)
 
@@ -71,6 +95,9 @@ class Registry:
             if old is not None and old.address == address and old.experts == keys:
                 came_up = old.down_since is not None or now - old.last_seen > 3 * self.heartbeat_s
                 old.last_seen, old.down_since, old.name = now, None, name
+                if came_up:  # back from down (a restart, say): a fresh start, not on the bench
+                    old.strikes = old.benches = 0
+                    old.benched_until, old.probing = None, False
                 old.registrations += 1
                 return old, came_up
             entry = DeviceEntry(slot, address, keys, name, now, static)
@@ -79,6 +106,8 @@ class Registry:
 
     def usable(self, entry: DeviceEntry, now: float | None = None) -> bool:
         now = self.clock() if now is None else now
+        if entry.benched:
+            return False
         if entry.down_since is not None:
             return entry.static and now - entry.down_since >= self.retry_s
         return entry.static or now - entry.last_seen <= 3 * self.heartbeat_s
@@ -92,6 +121,75 @@ class Registry:
                     entry.down_since = now
                     return True
         return False
+
+    def expire(self) -> list[DeviceEntry]:
+        """Devices (not static) whose heartbeats lapsed since the last look: now marked down."""
+        now = self.clock()
+        gone = []
+        with self.lock:
+            for entry in self.devices.values():
+                late = now - entry.last_seen > 3 * self.heartbeat_s
+                if not entry.static and entry.down_since is None and late:
+                    entry.down_since = now
+                    gone.append(entry)
+        return gone
+
+    def record(self, slot: int, answered: bool) -> bool:
+        """The outcome of one call to device ``slot``; returns whether it benched the device now."""
+        now = self.clock()
+        with self.lock:
+            entry = self.devices.get(slot)
+            if entry is None:
+                return False
+            if answered:
+                entry.strikes = entry.benches = 0
+                entry.last_seen = max(entry.last_seen, now)
+                return False
+            entry.strikes += 1
+            if entry.benched or entry.strikes < self.bench_after:
+                return False
+            self._bench(entry, now)
+            return True
+
+    def _bench(self, entry: DeviceEntry, now: float) -> None:
+        entry.benches += 1
+        entry.benched_until = now + self.backoff_s(entry)
+        entry.probing = False
+
+    def backoff_s(self, entry: DeviceEntry) -> float:
+        """The bench time of ``entry``'s current bench: bench_s · 2^(benches − 1), capped."""
+        return min(self.bench_s * 2 ** max(entry.benches - 1, 0), self.bench_max_s)
+
+    def due_probes(self) -> list[DeviceEntry]:
+        """Benched devices whose back-off has passed; each is returned once (now probing)."""
+        now = self.clock()
+        with self.lock:
+            due = [
+                d
+                for d in self.devices.values()
+                if d.benched_until is not None and not d.probing and now >= d.benched_until
+            ]
+            for d in due:
+                d.probing = True
+        return due
+
+    def probe_result(self, slot: int, answered: bool) -> bool:
+        """Readmit a probed device that answered in time (True), or bench it again (False)."""
+        with self.lock:
+            entry = self.devices.get(slot)
+            if entry is None or not entry.benched:
+                return answered
+            if answered:
+                entry.benched_until, entry.probing, entry.strikes = None, False, 0
+                entry.last_seen = max(entry.last_seen, self.clock())
+                return True
+            self._bench(entry, self.clock())
+            return False
+
+    def preferred(self, key: ExpertKey, per_token_s: Any) -> DeviceEntry | None:
+        """The host of ``key`` with the best channel, usable or not (whom a skipped call is charged to)."""
+        hosts = [d for d in self.devices.values() if key in d.experts]
+        return min(hosts, key=lambda d: (per_token_s[d.slot], d.slot)) if hosts else None
 
     def hosts(self, key: ExpertKey) -> list[DeviceEntry]:
         """The usable devices hosting ``key``."""

@@ -181,13 +181,33 @@ class TokenAuth(grpc.ServerInterceptor):
         return _refusal(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
 
 
-def _refusal(
-    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``handler`` that aborts with ``code`` before reading."""
+class AioTokenAuth(grpc.aio.ServerInterceptor):
+    """:class:`TokenAuth` for a grpc.aio server (the same check, the same refusal)."""
 
-    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+    def __init__(self, token: str, exempt: Iterable[str] = HEALTH_METHODS) -> None:
+        self.sync = TokenAuth(token, exempt)
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        method: str = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if method in self.sync.exempt or self.sync.authorized(handler_call_details.invocation_metadata):
+            return handler
+        return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, TokenAuth.MESSAGE, aio=True)
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str, aio: bool = False
+) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that aborts with ``code`` before reading
+    (a coroutine for a grpc.aio server)."""
+
+    def abort_sync(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)  # raises
+
+    async def abort_aio(_request: Any, context: Any) -> Any:
+        await context.abort(code, message)  # raises
+
+    abort = abort_aio if aio else abort_sync
 
     # No deserializer: the refused request is never parsed, so a garbled body still gets ``code``.
     request_streaming = handler is not None and handler.request_streaming

@@ -9,7 +9,9 @@ Pure: bytes in, values out; no sockets, no pickle. All integers and floats are l
     tensor   = dtype code u8 | ndim u8 | ndim × dim u64 | payload
     bundle   = count u16 | count × (length u64 | frame)                             (kind 3)
 
-The payload is the rest of the frame and must be exactly prod(shape) × itemsize bytes. A bundle
+The payload is the rest of the frame and must be exactly prod(shape) × itemsize bytes; the shape's
+extent prod(max(d, 1)) × itemsize must also fit the size limit, so that an empty tensor cannot claim
+dims no real tensor has (torch would overflow computing its storage). A bundle
 carries several request (or several response) frames in one message: one device's experts of a
 layer travel together, one message per device and layer as the latency model counts them.
 Decoding checks every field and raises :class:`WireError` (never anything else) on a bad frame.
@@ -125,12 +127,13 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     if kind == KIND_REQUEST:
         layer, expert, request_id, deadline_s = unpack(_REQUEST, data, _PREFIX.size, "request header")
         check_seconds(deadline_s, "deadline_s")
-        hidden = decode_tensor(data, _PREFIX.size + _REQUEST.size)
+        hidden = decode_tensor(data, _PREFIX.size + _REQUEST.size, max_bytes)
         return ExpertRequest(layer, expert, hidden, request_id, deadline_s)
     if kind == KIND_RESPONSE:
         request_id, compute_s = unpack(_RESPONSE, data, _PREFIX.size, "response header")
         check_seconds(compute_s, "compute_s")
-        return ExpertResponse(request_id, decode_tensor(data, _PREFIX.size + _RESPONSE.size), compute_s)
+        outputs = decode_tensor(data, _PREFIX.size + _RESPONSE.size, max_bytes)
+        return ExpertResponse(request_id, outputs, compute_s)
     if kind == KIND_BUNDLE:
         raise WireError("this message is a bundle of frames: decode it with decode_all")
     raise WireError(
@@ -209,7 +212,7 @@ def check_prefix(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> int:
     return int(kind)
 
 
-def decode_tensor(data: bytes, offset: int) -> torch.Tensor:
+def decode_tensor(data: bytes, offset: int, max_bytes: int = MAX_MESSAGE_BYTES) -> torch.Tensor:
     """The tensor that starts at ``offset`` and fills the rest of ``data``."""
     code, ndim = unpack(_TENSOR, data, offset, "tensor header")
     if code not in DTYPES:
@@ -219,16 +222,36 @@ def decode_tensor(data: bytes, offset: int) -> torch.Tensor:
     offset += _TENSOR.size
     shape = tuple(unpack(_DIM, data, offset + i * _DIM.size, "tensor shape")[0] for i in range(ndim))
     offset += ndim * _DIM.size
-    if any(d > MAX_DIM for d in shape):
-        raise WireError(f"tensor shape {list(shape)} has a dimension above {MAX_DIM}")
     dtype = DTYPES[code]
+    check_extent(shape, dtype, max_bytes)
     payload = len(data) - offset
     expected = math.prod(shape) * dtype.itemsize  # exact: Python ints do not overflow
     if expected != payload:
         raise WireError(f"tensor {dtype} {list(shape)} needs {expected} bytes, the message carries {payload}")
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data[offset:]), dtype=dtype).reshape(shape)
+    return build_tensor(data, offset, shape, dtype)
+
+
+def check_extent(shape: tuple[int, ...], dtype: torch.dtype, max_bytes: int) -> None:
+    """Refuse shapes no real tensor of the size limit has: an empty [2^32, 2^32, 0] passes the
+    payload check yet overflows torch's storage arithmetic; a [0, D] with ordinary D stays valid."""
+    if any(d > MAX_DIM for d in shape):
+        raise WireError(f"tensor shape {list(shape)} has a dimension above {MAX_DIM}")
+    extent = math.prod(max(d, 1) for d in shape) * dtype.itemsize
+    if extent > max_bytes:
+        raise WireError(
+            f"tensor {dtype} {list(shape)} spans {extent} bytes counting empty dims as 1, "
+            f"above the limit of {max_bytes} bytes"
+        )
+
+
+def build_tensor(data: bytes, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The checked payload as a tensor; torch's own refusals become WireError (decode raises no other)."""
+    try:
+        if len(data) == offset:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data[offset:]), dtype=dtype).reshape(shape)
+    except (RuntimeError, ValueError) as err:
+        raise WireError(f"tensor {dtype} {list(shape)} cannot be built: {err}") from err
 
 
 def unpack(fmt: struct.Struct, data: bytes, offset: int, what: str) -> tuple:
