@@ -26,8 +26,8 @@ from reference_allocation import cvxpy_problem
 from wdmoe.allocation import make_allocator
 from wdmoe.channel import generate_trace
 from wdmoe.config import load_scenario
-from wdmoe.devices import devices_for, effective_flops_per_s
 from wdmoe.latency import ExpertCost, device_time_s, layer_demand
+from wdmoe.latency.devices import devices_for, effective_flops_per_s
 
 LINKS = {"shannon": [], "gap+cap": ["cell.snr_gap_db=3", "cell.max_se_bps_per_hz=5.0"]}
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from wdmoe.channel import generate_trace
 from wdmoe.config import load_scenario
-from wdmoe.devices import devices_for, effective_flops_per_s
 from wdmoe.latency import ExpertCost, bs_seconds, forward_latency, lm_head_flops
+from wdmoe.latency.devices import devices_for, effective_flops_per_s
 
 
 def best_seconds(fn, rounds: int = 3) -> float:

@@ -5,7 +5,7 @@
 Side by side in one run, on loopback with no emulated link delay (RuntimeSettings: drop mode, a
 generous grace so that no expert is dropped on a busy machine):
 
-1. Per-layer overhead: ``bs.run(layer, inputs)`` for decode-like inputs (one token for each of the
+1. Per-layer overhead: ``bs.dispatcher.run(layer, inputs)`` for decode-like inputs (one token for each of the
    top-7 experts, 7 of the 8 devices busy) through a BaseStation with released experts and 8 device
    servers that are threads of this process, and through a ``Cluster`` with 8 device subprocesses,
    against the in-process ``LocalDispatcher`` on the same inputs. The three are timed in turn on
@@ -106,7 +106,7 @@ def time_token(
     snapshot_s = 0.0
     if bs is not None:  # what the wrapped forward does once per forward
         start = time.perf_counter()
-        bs.current = bs.begin_forward(None)
+        bs.dispatcher.current = bs.begin_forward(None)
         snapshot_s = time.perf_counter() - start
     times = []
     try:
@@ -119,7 +119,7 @@ def time_token(
             assert sorted(outputs) == sorted(inputs), (layer, sorted(outputs), sorted(inputs))
     finally:
         if bs is not None:
-            bs.current = None
+            bs.dispatcher.current = None
     return times, snapshot_s
 
 
@@ -143,23 +143,23 @@ def rpc_floor_ms(bs: BaseStation, hidden: int, calls: int = 50) -> float:
     for i in range(calls + 1):
         frame = encode(ExpertRequest(0, 0, x, i, 5.0))
         start = time.perf_counter()
-        stub(frame, timeout=5.0, metadata=bs.metadata)
+        stub(frame, timeout=5.0, metadata=bs.links.metadata)
         times.append(time.perf_counter() - start)
     channel.close()
     return 1e3 * statistics.median(times[1:])
 
 
 def record_fan_out(bs: BaseStation, into: list[float]) -> None:
-    """Record the seconds of every ``bs.fan_out`` (send all calls, gather the answers) in ``into``:
-    the rest of a layer's time is the BS's planning and book-keeping."""
-    inner = bs.fan_out
+    """Record the seconds of every ``bs.links.fan_out`` (send all calls, gather the answers) in
+    ``into``: the rest of a layer's time is the BS's planning and book-keeping."""
+    inner = bs.links.fan_out
 
     def fan_out(*args: Any) -> None:
         start = time.perf_counter()
         inner(*args)
         into.append(time.perf_counter() - start)
 
-    bs.fan_out = fan_out  # type: ignore[method-assign]
+    bs.links.fan_out = fan_out  # type: ignore[method-assign]
 
 
 def layer_overhead(
@@ -316,8 +316,8 @@ def main() -> None:
             inputs = decode_inputs(reference, args.tokens, torch.Generator().manual_seed(0))
             variants: dict[str, tuple[Dispatch, BaseStation | None]] = {
                 "local": (local.run, None),
-                "8 device threads": (bs.run, bs),
-                "8 device processes": (cluster.bs.run, cluster.bs),
+                "8 device threads": (bs.dispatcher.run, bs),
+                "8 device processes": (cluster.bs.dispatcher.run, cluster.bs),
             }
             layer = layer_overhead(variants, inputs)
             for name, (run, station) in list(variants.items())[1:]:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from wdmoe.eval.results import read_records
-from wdmoe.eval.runner import EvalPoint, Evaluator
+from wdmoe.simulate import SimSettings
+from wdmoe.studies.runner import EvalPoint, Evaluator, PolicySpec
 
 TASKS = ("arc_easy", "piqa")
 # (label, policy, params, allocator): the baseline first, then WDMoE-θ (k-scaled: θ·2/k at k = 7),
@@ -77,7 +78,8 @@ def main() -> None:
     for label, policy, params, allocator in CONFIGS:
         if wanted is not None and label not in wanted:
             continue
-        point = EvalPoint(policy=policy, params=params, allocator=allocator, limit=args.limit, seed=0)
+        sim = SimSettings(allocator=allocator, seed=0)
+        point = EvalPoint(policy=PolicySpec(policy, params), sim=sim, limit=args.limit)
         start = time.perf_counter()
         evaluator.run(point, TASKS, args.out)
         print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)

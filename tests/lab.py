@@ -1,5 +1,7 @@
 """A BS on a tiny model with device servers in this process, all on loopback (for runtime tests)."""
 
+from contextlib import contextmanager
+
 from tiny import tiny_model, tiny_tokenizer
 from wdmoe.config import load_scenario
 from wdmoe.models.install import install
@@ -54,3 +56,23 @@ class Lab:
             d.stop()
         self.server.stop()
 
+
+
+@contextmanager
+def static_bs(wm, placement, timeout_s, token=TOKEN):
+    """A BS (no gRPC face) over devices known by address, {(layer, expert): "host:port"}, whose calls
+    may take ``timeout_s``; closed and ``wm`` given back its in-process dispatcher on exit."""
+    slots = len(set(placement.values()))
+    scenario = fit_scenario(load_scenario("lab", [f"cell.num_devices={slots}"]), wm, "mixtral")
+    bs = BaseStation(wm, None, scenario, RuntimeSettings(slack=1.0, grace_s=timeout_s), token=token)
+    try:
+        bs.add_static(placement)
+        yield bs
+    finally:
+        bs.close()
+        wm.set_dispatcher(wm.local_dispatcher())
+
+
+def failures(bs):
+    """{address: {code: count}} of the devices whose calls failed."""
+    return {d["address"]: d["failures"] for d in bs.summary()["devices"] if d["failures"]}

@@ -7,9 +7,9 @@ from reference_allocation import cvxpy_minmax, grid_minmax, shannon_time_s
 from wdmoe.allocation import ALLOCATORS, InfeasibleAllocationError, make_allocator
 from wdmoe.channel import generate_trace
 from wdmoe.config import load_scenario
-from wdmoe.devices import devices_for, effective_flops_per_s
 from wdmoe.errors import UnknownNameError
 from wdmoe.latency import ExpertCost, device_time_s, layer_demand
+from wdmoe.latency.devices import devices_for, effective_flops_per_s
 
 LINKS = {  # Shannon; a 3 dB gap and a spectral-efficiency cap; the Wi-Fi-like lab (InH, Rician, cap)
     "shannon": ("paper", []),

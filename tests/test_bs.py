@@ -24,7 +24,7 @@ from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient, BSError
 from wdmoe.runtime.cluster import round_robin
 from wdmoe.runtime.device import RUN_EXPERT, serve
-from wdmoe.runtime.placement import DeviceEntry, Registry
+from wdmoe.runtime.placement import DeviceEntry, DeviceRegistry
 from wdmoe.runtime.security import TLSFiles, bearer, make_test_pki
 from wdmoe.runtime.service import serve_bs
 
@@ -145,7 +145,7 @@ def test_replicas_the_better_channel_serves_and_the_other_takes_over(lab_factory
 
 def test_registry_prefers_live_replicas_and_retries_static_ones():
     now = [0.0]
-    reg = Registry(3, (0, 1), 4, heartbeat_s=1.0, retry_s=2.0, clock=lambda: now[0])
+    reg = DeviceRegistry(3, (0, 1), 4, heartbeat_s=1.0, retry_s=2.0, clock=lambda: now[0])
     reg.register(0, "a:1", [(0, 1), (1, 1)])
     reg.register(2, "c:1", [(0, 1)], static=True)
     assert reg.choose((0, 1), [0.1, 0.2, 0.05]).slot == 2

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from wdmoe.cli_cell import cell_app
+from wdmoe.cli.cell import cell_app
 
 runner = CliRunner()
 

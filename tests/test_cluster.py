@@ -126,7 +126,7 @@ def test_devices_are_warm_when_they_register(tmp_path):
 
 
 def test_cluster_warns_about_a_degraded_answer_and_fails_a_lost_one(capsys):
-    from wdmoe.cli_cluster import answer_was_served
+    from wdmoe.cli.common import answer_was_served
 
     assert answer_was_served({"expert_calls": 100, "dropped": 0})
     assert "warning" not in capsys.readouterr().err

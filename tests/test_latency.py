@@ -7,7 +7,6 @@ import pytest
 
 from wdmoe.channel import generate_trace
 from wdmoe.config import load_scenario
-from wdmoe.devices import devices_for, effective_flops_per_s
 from wdmoe.latency import (
     ExpertCost,
     bs_layer_flops,
@@ -21,6 +20,7 @@ from wdmoe.latency import (
     payload_bits,
     waiting_s,
 )
+from wdmoe.latency.devices import devices_for, effective_flops_per_s
 
 
 def test_payload_bits_and_expert_flops_closed_form():

@@ -86,7 +86,7 @@ def test_topk_answers_loglikelihoods_as_plain_hflm_on_the_same_model(ckpt):
 
 def test_a_channel_aware_policy_runs_inside_the_simulation_and_records_every_forward(ckpt):
     lm = make_lm(ckpt, policy="wdmoe", theta=0.3, allocator="minmax", seed=1, top_k=4)
-    assert lm.wm.top_k == 4 and lm.args.policy_params == {"theta": 0.3}
+    assert lm.wm.top_k == 4 and lm.args.point.policy.params == {"theta": 0.3}
     lm.loglikelihood(instances(REQUESTS))
     lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("the router is a model",), 0)])
     records = lm.sim.records
@@ -103,7 +103,7 @@ def test_a_model_arg_wins_over_the_cli_default_for_it(ckpt):
         f"model={ckpt},overrides={OVERRIDES},policy=budget,tau_s=0.01,batch_size=3",
         {"batch_size": 1, "max_batch_size": None, "device": None},
     )
-    assert lm.batch_size == 3 and lm.args.policy_params == {"tau_s": 0.01}
+    assert lm.batch_size == 3 and lm.args.point.policy.params == {"tau_s": 0.01}
 
 
 @pytest.mark.parametrize(
@@ -131,9 +131,9 @@ def test_top_k_beyond_the_experts_names_the_range(ckpt):
 
 def test_model_args_split_into_wdmoe_policy_and_hflm_parts():
     raw = {"policy": "wdmoe", "theta": 1, "k_scaled": True, "max_length": 64, "seed": 2}
-    args, hf = parse_model_args(raw)
-    assert args.policy_params == {"theta": 1.0, "k_scaled": True} and hf == {"max_length": 64}
-    assert args.seed == 2 and args.scenario_overrides() == ["model=smollm2-moe8"]
+    args = parse_model_args(raw)
+    assert args.point.policy.params == {"theta": 1.0, "k_scaled": True} and args.hflm == {"max_length": 64}
+    assert args.point.sim.seed == 2 and args.point.scenario_overrides() == ["model=smollm2-moe8"]
 
 
 def requests_of(task, limit):

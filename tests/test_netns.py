@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from lab import failures, static_bs
 from tiny import tiny_model, tiny_tokenizer
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError
@@ -36,7 +37,6 @@ from wdmoe.runtime.netns import (
     netns_available,
     tbf_args,
 )
-from wdmoe.runtime.remote import RemoteDispatcher
 from wdmoe.runtime.service import serve_bs
 
 TOKEN = "netns-token"
@@ -158,22 +158,22 @@ def test_remote_experts_over_veths_equal_in_process(cell):
     lab, model, placement = cell
     assert {a.split(":")[0] for a in placement.values()} == {h.address for h in lab.hosts}
     gen = torch.Generator().manual_seed(0)
-    with RemoteDispatcher(placement, TOKEN, timeout_s=20) as d:
+    with static_bs(install(tiny_model("mixtral")), placement, timeout_s=20, token=TOKEN) as bs:
         for layer in range(2):
             inputs = {e: torch.randn(5, 32, generator=gen) for e in range(8)}
-            outputs = d.run(layer, inputs)
+            outputs = bs.run_layer(layer, inputs)
             assert sorted(outputs) == list(range(8))
             for e, x in inputs.items():
                 ref = run_expert(expert_shard(model, layer, e), x)
                 assert (outputs[e] - ref).abs().max() <= 1e-4
-    assert d.failures == []
+    assert failures(bs) == {}
 
 
-def timed_run(d: RemoteDispatcher, x: torch.Tensor) -> float:
+def timed_run(bs: BaseStation, x: torch.Tensor) -> float:
     start = time.perf_counter()
-    out = d.run(0, {0: x})
+    out = bs.run_layer(0, {0: x})
     elapsed = time.perf_counter() - start
-    assert d.failures == [] and out[0].shape == x.shape
+    assert failures(bs) == {} and out[0].shape == x.shape
     return elapsed
 
 
@@ -182,7 +182,7 @@ def test_shaped_link_takes_bytes_over_rate(cell):
     i = next(i for i, h in enumerate(lab.hosts) if placement[(0, 0)].startswith(f"{h.address}:"))
     x = torch.randn(3200, 32)  # 409.6 kB of float32 each way
     payload_bits = 2 * x.numel() * x.element_size() * 8  # request + response; headers only add to it
-    with RemoteDispatcher(placement, TOKEN, timeout_s=30) as d:
+    with static_bs(install(tiny_model("mixtral")), placement, timeout_s=30, token=TOKEN) as d:
         timed_run(d, x[:1])  # connect before measuring
         try:
             lab.set_rate(i, RATE_BPS, RATE_BPS)
@@ -306,7 +306,7 @@ PROMPT = " ".join(["what is the router of the wireless cell and how fast is the 
 
 def shaped_rates_bps(bs: BaseStation) -> tuple[np.ndarray, np.ndarray]:
     """Downlink and uplink [U] of the BS's current channel at the equal share, scaled down."""
-    state = bs.trace.state(bs.block())
+    state = bs.cell.snapshot(bs.sim_time_s()).true
     share_hz = state.equal_share_hz()
     scaled = (RATE_SCALE * state.dl.rate_bps(share_hz), RATE_SCALE * state.ul.rate_bps(share_hz))
     dl, ul = (np.clip(rate, 2e5, 2e6) for rate in scaled)

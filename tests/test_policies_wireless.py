@@ -15,10 +15,12 @@ from wdmoe.channel import generate_trace
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError, UnknownNameError
 from wdmoe.latency import ExpertCost, device_time_s, layer_demand
+from wdmoe.latency.cell import bs_estimate, noisy_csi
+from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.install import install
-from wdmoe.policies import ExpertLatency, bs_estimate, check_selection, make_policy, noisy_csi
+from wdmoe.policies import check_selection, make_policy
 from wdmoe.policies.slo import SloState, slo_update
-from wdmoe.types import RouterOutput
+from wdmoe.types import Feedback, RouterOutput
 
 CFG = load_scenario("paper")
 
@@ -173,9 +175,9 @@ def test_noisy_and_stale_csi_are_seeded_and_sized():
 def test_wdmoe_equals_reference(theta, k):
     for seed in range(6):
         route, lat = random_route(t=12, k=k, seed=seed), view(seed)
-        sel = make_policy("wdmoe", theta=theta).select(route, lat.channel, lat)
+        sel = make_policy("wdmoe", theta=theta).select(route, lat)
         assert_selection(route, sel, ref_wdmoe(route, lat.per_token_s().tolist(), theta))
-        scaled = make_policy("wdmoe", theta=theta, k_scaled=True).select(route, lat.channel, lat)
+        scaled = make_policy("wdmoe", theta=theta, k_scaled=True).select(route, lat)
         assert_selection(route, scaled, ref_wdmoe(route, lat.per_token_s().tolist(), theta * 2 / k))
 
 
@@ -185,13 +187,13 @@ def test_wdmoe_theta0_and_topk_on_a_perfect_channel_are_the_routers_topk(renorma
         route = random_route(k=3, renormalize=renormalize, seed=seed)
         for lat in (view(seed), view(seed, equal_channel=True)):
             for sel in (
-                make_policy("wdmoe", theta=0.0).select(route, lat.channel, lat),
-                make_policy("topk").select(route, lat.channel, lat),
+                make_policy("wdmoe", theta=0.0).select(route, lat),
+                make_policy("topk").select(route, lat),
             ):
                 assert sel.keep.all() and torch.equal(sel.weights, route.weights)
         # on a perfect channel the WLR share is the importance share: channel-blind thresholding
         perfect = view(seed, equal_channel=True)
-        sel = make_policy("wdmoe", theta=0.3).select(route, perfect.channel, perfect)
+        sel = make_policy("wdmoe", theta=0.3).select(route, perfect)
         share = route.importance / route.importance.sum(-1, keepdim=True)
         expected = (share >= 0.3) | (torch.arange(3) == 0)
         assert torch.equal(sel.keep, expected)
@@ -212,9 +214,9 @@ def test_topp_equals_reference(p):
 def test_wdmoe_j_equals_reference(alpha, step, gamma):
     for seed in range(6):
         route, lat = random_route(t=12, k=3, seed=seed), view(seed)
-        sel = make_policy("wdmoe-j", alpha=alpha, delta_theta=step, gamma=gamma).select(route, None, lat)
+        sel = make_policy("wdmoe-j", alpha=alpha, delta_theta=step, gamma=gamma).select(route, lat)
         assert_selection(route, sel, ref_wdmoe_j(route, lat.per_token_s().tolist(), alpha, step, gamma))
-    topk = make_policy("wdmoe-j", gamma=0.9).select(route, None, lat)
+    topk = make_policy("wdmoe-j", gamma=0.9).select(route, lat)
     assert topk.keep.all()
 
 
@@ -225,7 +227,7 @@ def test_budget_equals_brute_force_for_decode(k, placement):
         route, lat = random_route(t=1, k=k, seed=seed), view(seed, placement)
         t_e = lat.per_token_s()[route.candidates[0].numpy()]
         for tau_s in (0.5 * t_e.min(), *np.sort(t_e), 2.5 * t_e.max()):
-            sel = make_policy("budget", tau_s=float(tau_s)).select(route, None, lat)
+            sel = make_policy("budget", tau_s=float(tau_s)).select(route, lat)
             mass = float(route.importance[sel.keep].double().sum())
             best = brute_force_budget_mass(route, lat, tau_s)
             if best is None:  # nothing fits τ: the candidate whose device finishes first
@@ -241,7 +243,7 @@ def test_budget_prefill_is_exact_when_no_token_is_left_empty_and_feasible():
     for seed in range(12):
         route, lat = random_route(t=3, k=2, seed=seed), view(seed, np.array([0, 0, 1, 1, 2, 2, 3, 3]))
         for tau_s in np.quantile(lat.expert_time_s(np.full(8, 2.0)), [0.2, 0.5, 0.9]):
-            sel = make_policy("budget", tau_s=float(tau_s)).select(route, None, lat)
+            sel = make_policy("budget", tau_s=float(tau_s)).select(route, lat)
             n_e = np.bincount(route.candidates[sel.keep].numpy(), minlength=8)
             best = brute_force_budget_mass(route, lat, tau_s)
             if lat.expert_time_s(n_e)[n_e > 0].max() <= tau_s:
@@ -286,16 +288,16 @@ def test_joint_equals_reference_and_is_stable(theta):
     rounds = 0
     for seed in range(4):
         route, lat = random_route(t=6, k=3, seed=seed), view(seed)
-        sel = make_policy("joint", theta=theta).select(route, None, lat)
+        sel = make_policy("joint", theta=theta).select(route, lat)
         ref_keep, ref_view = ref_joint(route, lat, theta, 10)
         assert_selection(route, sel, ref_keep)
         sel2, v = joint_select(route, lat, WDMoE(theta), make_allocator("minmax"), 10)
         np.testing.assert_allclose(v.bandwidth_hz, ref_view.bandwidth_hz)
-        again = WDMoE(theta).select(route, None, pricing_view(v))
+        again = WDMoE(theta).select(route, pricing_view(v))
         assert torch.equal(again.keep & sel2.keep, sel2.keep)  # a fixed point: nothing more to drop
-        assert (sel.keep <= make_policy("wdmoe", theta=theta).select(route, None, lat).keep).all()
+        assert (sel.keep <= make_policy("wdmoe", theta=theta).select(route, lat).keep).all()
         rounds += int(
-            not torch.equal(sel.keep, make_policy("wdmoe", theta=theta).select(route, None, lat).keep)
+            not torch.equal(sel.keep, make_policy("wdmoe", theta=theta).select(route, lat).keep)
         )
     assert rounds > 0  # the alternation does change selections
 
@@ -316,18 +318,18 @@ def test_slo_control_law_and_convergence():
     policy = make_policy("slo", target_s=1.2, gain=0.05, theta_max=0.5)
     totals = []
     for _ in range(6):
-        policy = policy.begin_request().observe(0.1, 50, decode=False)
+        policy = policy.begin_request().observe(Feedback(0.1, 20, decode=False, steps_left=50))
         total = 0.1
         for n in range(50):
             dt = step_s(policy.theta)
             total += dt
-            policy = policy.observe(dt, 49 - n)
+            policy = policy.observe(Feedback(dt, 1, decode=True, steps_left=49 - n))
         totals.append(total)
     assert totals[0] < 2.1 and all(t <= 1.2 * 1.05 for t in totals[1:])
     assert 0.3 < policy.theta < 0.42  # it gives up no more than the target needs
     route, lat = random_route(seed=1), view(1)
-    sel = policy.select(route, None, lat)
-    assert torch.equal(sel.keep, make_policy("wdmoe", theta=policy.theta).select(route, None, lat).keep)
+    sel = policy.select(route, lat)
+    assert torch.equal(sel.keep, make_policy("wdmoe", theta=policy.theta).select(route, lat).keep)
 
 
 # --- invariants and errors ------------------------------------------------------------------------
@@ -352,7 +354,7 @@ def test_every_policy_keeps_its_invariants(name, params, renormalize):
     for seed in range(15):
         t, k = [(1, 2), (8, 2), (20, 4)][seed % 3]
         route, lat = random_route(t=t, k=k, renormalize=renormalize, seed=seed), view(seed)
-        sel = policy.select(route, lat.channel, lat)
+        sel = policy.select(route, lat)
         check_selection(route, sel)
         assert (sel.weights[~sel.keep] == 0).all()
         if renormalize:
@@ -407,7 +409,7 @@ def test_wdmoe_installed_in_tiny_mixtral_reads_the_context():
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     lat = view(0)
     wm = install(model, make_policy("wdmoe", theta=0.0))
-    wm.set_context(lat.channel, lat)
+    wm.set_view(lat)
     assert (model(ids).logits - ref(ids).logits).abs().max() <= 1e-5  # θ = 0 is the model itself
 
     wm.set_policy(make_policy("wdmoe", theta=0.3))
@@ -422,6 +424,6 @@ def test_wdmoe_installed_in_tiny_mixtral_reads_the_context():
         assert tr.keep.tolist() == ref_wdmoe(route, t_e, 0.3)
         assert (~tr.keep).sum() > 0 and tr.keep[:, 0].all()
 
-    wm.set_context()
-    with pytest.raises(ConfigError, match="set_context"):
+    wm.set_view(None)
+    with pytest.raises(ConfigError, match="set_view"):
         model(ids)

@@ -12,14 +12,14 @@ from typer.testing import CliRunner
 from test_simulate import TINY
 from tiny import save_tiny_checkpoint
 from wdmoe.cli import app
-from wdmoe.cli_report import reproduce_cmd
+from wdmoe.cli.report import reproduce_cmd
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import read_records
 from wdmoe.eval.tasks import default_data_dir
-from wdmoe.latency_study import mixtral_route, price_requests, run_study
 from wdmoe.policies import make_policy
-from wdmoe.report import (
+from wdmoe.studies.latency_study import mixtral_route, price_requests, run_study
+from wdmoe.studies.report import (
     PLOT_NAMES,
     baseline,
     compare,
@@ -30,7 +30,7 @@ from wdmoe.report import (
     policy_label,
     write_report,
 )
-from wdmoe.reproduce import ReproduceSettings, command_line
+from wdmoe.studies.reproduce import ReproduceSettings, command_line
 
 runner = CliRunner()
 DATA = default_data_dir()

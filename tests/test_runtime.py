@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lab import failures, static_bs
 from tiny import tiny_model
 from wdmoe.models.install import install
 from wdmoe.models.split import split_model
 from wdmoe.runtime.device import RUN_EXPERT, bearer, serve
-from wdmoe.runtime.remote import RemoteDispatcher
 from wdmoe.runtime.wire import (
     DTYPES,
     KIND_RESPONSE,
@@ -193,25 +193,23 @@ def wm(split):
 
 def test_distributed_logits_equal_in_process(split, wm):
     _, shards, ids, ref = split
-    with devices(shards, 3) as servers, RemoteDispatcher(placement_of(servers), TOKEN, timeout_s=10) as d:
-        wm.set_dispatcher(d)
+    with devices(shards, 3) as servers, static_bs(wm, placement_of(servers), timeout_s=10, token=TOKEN) as bs:
         logits = wm.model(ids).logits
-    assert d.failures == []
+        rows = bs.summary()["devices"]
+    assert failures(bs) == {}
     assert sorted(k for s in servers for k in s.hosted) == [(la, e) for la in range(2) for e in range(8)]
     assert all(len(s.hosted) < 16 for s in servers)  # each device loaded only its own shards
     assert (logits - ref).abs().max() <= 1e-4
-    assert d.compute_s and all(s >= 0 for s in d.compute_s.values())
+    assert all(r["answered"] > 0 and r["compute_s"] >= 0 for r in rows)
 
 
 def test_wrong_token_is_refused_and_its_experts_dropped(split, wm):
     _, shards, ids, ref = split
     with devices(shards, 2, tokens=[TOKEN, "other"]) as servers:
         refused = set(servers[1].hosted)
-        with RemoteDispatcher(placement_of(servers), TOKEN, timeout_s=10) as d:
-            wm.set_dispatcher(d)
+        with static_bs(wm, placement_of(servers), timeout_s=10, token=TOKEN) as bs:
             logits = wm.model(ids).logits
-        assert d.failures and {f.code for f in d.failures} == {"UNAUTHENTICATED"}
-        assert {(f.layer, f.expert) for f in d.failures} <= refused
+        assert failures(bs) == {servers[1].address: {"UNAUTHENTICATED": len(refused)}}
         assert (logits - ref).abs().max() > 1e-4 and torch.isfinite(logits).all()
         channel = grpc.insecure_channel(servers[0].address)
         call = channel.unary_unary(RUN_EXPERT)
@@ -235,13 +233,12 @@ def test_stopped_device_is_dropped_within_the_timeout(split, wm):
     _, shards, ids, ref = split
     with devices(shards, 2) as servers:
         servers[1].stop(0)
-        with RemoteDispatcher(placement_of(servers), TOKEN, timeout_s=2) as d:
-            wm.set_dispatcher(d)
+        with static_bs(wm, placement_of(servers), timeout_s=2, token=TOKEN) as bs:
             start = time.perf_counter()
             logits = wm.model(ids).logits
             elapsed = time.perf_counter() - start
     assert elapsed < 2 * 2 + 1  # two MoE layers, each bounded by one deadline
-    assert d.failures and {(f.layer, f.expert) for f in d.failures} <= set(servers[1].hosted)
+    assert list(failures(bs)) == [servers[1].address]
     assert torch.isfinite(logits).all() and (logits - ref).abs().max() > 1e-4
 
 
@@ -254,10 +251,10 @@ def test_silent_device_is_dropped_at_the_deadline(split, wm):
         placement = placement_of(servers[:1]) | {
             k: f"127.0.0.1:{silent.getsockname()[1]}" for k in servers[1].hosted
         }
-        with RemoteDispatcher(placement, TOKEN, timeout_s=0.5) as d:
+        with static_bs(split[0], placement, timeout_s=0.5, token=TOKEN) as bs:
             start = time.perf_counter()
-            out = d.run(0, {e: torch.randn(2, 32) for e in range(8)})
+            out = bs.run_layer(0, {e: torch.randn(2, 32) for e in range(8)})
             elapsed = time.perf_counter() - start
     dead = {e for (layer, e) in servers[1].hosted if layer == 0}
     assert set(out) == set(range(8)) - dead
-    assert {f.code for f in d.failures} == {"DEADLINE_EXCEEDED"} and elapsed < 0.5 + 1.5
+    assert [set(codes) for codes in failures(bs).values()] == [{"DEADLINE_EXCEEDED"}] and elapsed < 0.5 + 1.5

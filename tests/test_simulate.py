@@ -6,23 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import tiny_model
+from tiny import TINY, tiny_model
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError
 from wdmoe.models.install import install
 from wdmoe.policies import make_policy
 from wdmoe.simulate import SimSettings, Simulation
-
-TINY = [
-    "model=smollm2-moe8",
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.ffn_size=48",
-    "model.top_k=2",
-    "model.vocab_size=128",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-]
 
 
 def run(policy, allocator="equal", seed=3, steps=6):

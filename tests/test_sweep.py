@@ -16,7 +16,7 @@ from wdmoe.cli import app
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import read_records
 from wdmoe.eval.tasks import default_data_dir
-from wdmoe.sweep import check_grid, expand, load_grid, parse_grid, plan, run_sweep
+from wdmoe.studies.sweep import check_grid, expand, load_grid, parse_grid, plan, run_sweep
 
 DATA = default_data_dir()
 runner = CliRunner()
@@ -87,19 +87,20 @@ def test_expand_is_the_product_in_a_fixed_order():
     )  # (topk at k=3 + 2 θ × 2 k) × bandwidths × allocators × seeds
     assert points == expand(parse_grid(data))
     first, second, third = points[:3]
-    assert (first.policy, first.top_k, first.allocator, first.seed) == ("topk", 3, "equal", 0)
+    assert (first.policy.name, first.policy.top_k) == ("topk", 3)
+    assert (first.sim.allocator, first.sim.seed) == ("equal", 0)
     assert first.overrides == ("cell.num_devices=8", "cell.bandwidth_hz=10000000.0")
-    assert (second.seed, third.allocator) == (1, "minmax")
+    assert (second.sim.seed, third.sim.allocator) == (1, "minmax")
     assert points[4].overrides[-1] == "cell.bandwidth_hz=20000000.0"
     wdmoe = points[8:]
-    assert [p.params for p in wdmoe[::8]] == [
+    assert [p.policy.params for p in wdmoe[::8]] == [
         {"theta": 0.0, "k_scaled": True},
         {"theta": 0.0, "k_scaled": True},
         {"theta": 0.2, "k_scaled": True},
         {"theta": 0.2, "k_scaled": True},
     ]
-    assert [p.top_k for p in wdmoe[::8]] == [2, 4, 2, 4]
-    assert isinstance(wdmoe[0].params["theta"], float)  # θ = 0 is recorded as `wdmoe eval --theta 0` does
+    assert [p.policy.top_k for p in wdmoe[::8]] == [2, 4, 2, 4]
+    assert isinstance(wdmoe[0].policy.params["theta"], float)  # θ = 0 recorded as `wdmoe eval --theta 0` does
 
 
 @pytest.mark.parametrize(
@@ -156,7 +157,7 @@ def test_two_workers_write_one_record_per_point_and_task_as_one_worker_does_and_
     out = tmp_path / "r.jsonl"
     results = sweep(tiny_grid(ckpt, FAILING), out, workers=2)
     assert len(results) == 8
-    failed = sorted((r.job.index, r.job.point.seed) for r in results if r.error)
+    failed = sorted((r.job.index, r.job.point.sim.seed) for r in results if r.error)
     assert failed == [(6, 0), (7, 1)]  # the two topk-9 points, after the others
     assert all("top_k must be in 1..8" in r.error for r in results if r.error)
     assert sum(r.written for r in results) == 12

@@ -20,6 +20,19 @@ COMMON = dict(
 )
 
 
+# Scenario overrides whose model dimensions are the tiny Mixtral's (2 layers, D 32, F 48, top-2).
+TINY = [
+    "model=smollm2-moe8",
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.ffn_size=48",
+    "model.top_k=2",
+    "model.vocab_size=128",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+]
+
+
 def tiny_config(family: str) -> PretrainedConfig:
     if family == "mixtral":
         return MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)

@@ -9,6 +9,7 @@ strings). Every bad value raises :class:`ConfigError` naming the field, the valu
 range. Defaults follow SPEC §3–4.
 """
 
+import datetime
 import math
 import os
 import tomllib
@@ -22,8 +23,8 @@ from typing import Any
 from wdmoe.channel.fading import FADING
 from wdmoe.channel.geometry import MOBILITY
 from wdmoe.channel.pathloss import PATHLOSS
-from wdmoe.devices import DEVICE_CLASSES
 from wdmoe.errors import ConfigError
+from wdmoe.latency.devices import DEVICE_CLASSES
 
 INF = math.inf
 
@@ -282,16 +283,51 @@ def _read_preset(kind: str, name: str, field_name: str) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"cell.bandwidth_hz=10e6"`` → (["cell", "bandwidth_hz"], 1e7); bare words are strings."""
+Value = bool | int | float | str | list[Any] | dict[str, Any]
+
+
+def parse_value(text: str) -> Value:
+    """A value typed on the command line, read as a TOML literal: ``10e6`` → 1e7, ``[1, 2]`` →
+    [1, 2], ``"7"`` → "7", ``true`` → True (in any case: ``True``, as lm-eval and Python write it).
+    Numbers Python reads that TOML does not (``.5``) are floats. What is not one TOML literal
+    (``minmax``, ``/path/to/model``), or is a date, stays its bare text, stripped. The one reader
+    of `--set`, `--param`, grid strings and lm-eval model_args."""
+    raw = text.strip()
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        doc = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return python_number(raw)
+    value = doc["v"]
+    if len(doc) != 1 or isinstance(value, datetime.date | datetime.time):
+        return raw
+    result: Value = value
+    return result
+
+
+def python_number(raw: str) -> Value:
+    """``.5``, ``5.``, ``1E3``: numbers Python reads that TOML does not; other text stays text."""
+    try:
+        number = float(raw)
+    except ValueError:
+        return raw
+    return number if math.isfinite(number) else raw
+
+
+def parse_assignment(text: str, error: str) -> tuple[str, Value]:
+    """``"name=value"`` → (name, :func:`parse_value` of value); without "=" or a name, raise
+    ConfigError(``error``), which the caller words for its option."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is malformed; allowed: section.field=value")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.strip().split("."), value
+        raise ConfigError(error)
+    return key.strip(), parse_value(raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"cell.bandwidth_hz=10e6"`` → (["cell", "bandwidth_hz"], 1e7); bare words are strings."""
+    key, value = parse_assignment(text, f"override {text!r} is malformed; allowed: section.field=value")
+    return key.split("."), value
 
 
 def _set(data: dict[str, Any], path: list[str], value: Any) -> None:

@@ -78,6 +78,16 @@ def context_length(model: CausalLM) -> int:
 
 
 @torch.no_grad()
+def check_fits(wm: WirelessModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """PromptError unless the prompt and the new tokens fit the model's context."""
+    limit = context_length(wm.model)
+    if prompt_tokens + max_new_tokens > limit:
+        raise PromptError(
+            f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens exceeds the model's context "
+            f"of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+
+
 def generate(
     wm: WirelessModel,
     tok: PreTrainedTokenizerBase,
@@ -98,12 +108,7 @@ def generate(
     requests at once passes False (the recorder is not per request; experts_per_token is then nan).
     """
     ids = encode_prompt(tok, prompt, chat, system)
-    limit = context_length(wm.model)
-    if ids.shape[1] + max_new_tokens > limit:
-        raise PromptError(
-            f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the model's context "
-            f"of {limit} tokens; shorten the prompt or lower --max-new-tokens"
-        )
+    check_fits(wm, int(ids.shape[1]), max_new_tokens)
     streamer = CallbackStreamer(tok, on_text or (lambda _: None))
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}

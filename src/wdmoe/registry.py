@@ -3,24 +3,30 @@
 import inspect
 import types
 from collections.abc import Callable, Collection, Iterator, Mapping
-from typing import Any, Generic, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Generic, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 from wdmoe.errors import ConfigError, UnknownNameError, WdmoeError
 
 T = TypeVar("T")
+P = TypeVar("P")
+F = TypeVar("F")
 
 
 class Registry(Generic[T]):
-    """Maps registered names to factories; ``get`` raises a clear error for unknown names."""
+    """Maps registered names to items of type T; ``get`` raises a clear error for unknown names.
+
+    ``register`` is a decorator that hands its argument back unchanged (a registered class keeps
+    its own type in its module); what ``get`` returns is typed T.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def add(item: T) -> T:
+    def register(self, name: str) -> Callable[[F], F]:
+        def add(item: F) -> F:
             assert name not in self._items, f"{self.kind} {name!r} registered twice"
-            self._items[name] = item
+            self._items[name] = cast(T, item)
             return item
 
         return add
@@ -30,7 +36,17 @@ class Registry(Generic[T]):
             raise UnknownNameError(self.kind, name, list(self._items))
         return self._items[name]
 
-    def make(self, name: str, params: Mapping[str, Any], hidden: Collection[str] = ()) -> Any:
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+
+class Factories(Registry[Callable[..., P]]):
+    """A registry of factories (classes) of P, built by name from checked keyword parameters."""
+
+    def make(self, name: str, params: Mapping[str, object], hidden: Collection[str] = ()) -> P:
         """Build ``name`` with keyword ``params``; a wrong name or type raises ConfigError.
 
         Values reach us from the command line and TOML files, so a typo or a string where a
@@ -38,7 +54,7 @@ class Registry(Generic[T]):
         TypeError deep inside the implementation (or, worse, be accepted). ``hidden`` parameters
         are accepted but not advertised in the message (internal state, the display name).
         """
-        factory: Any = self.get(name)
+        factory = self.get(name)
         check_params(f"{self.kind} {name!r}", parameter_types(factory), params, hidden)
         try:
             return factory(**params)
@@ -47,14 +63,8 @@ class Registry(Generic[T]):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{self.kind} {name!r} with {dict(params)}: {e}") from e
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-
-def parameter_types(factory: Callable[..., Any]) -> dict[str, Any] | None:
+def parameter_types(factory: Callable[..., object]) -> dict[str, object] | None:
     """The keyword parameters of ``factory`` and their annotations (Any when unannotated);
     None when it takes ``**kwargs`` (then any name is allowed)."""
     params = inspect.signature(factory).parameters.values()
@@ -69,7 +79,10 @@ def parameter_types(factory: Callable[..., Any]) -> dict[str, Any] | None:
 
 
 def check_params(
-    what: str, accepted: Mapping[str, Any] | None, params: Mapping[str, Any], hidden: Collection[str] = ()
+    what: str,
+    accepted: Mapping[str, object] | None,
+    params: Mapping[str, object],
+    hidden: Collection[str] = (),
 ) -> None:
     """Raise ConfigError for a parameter ``what`` does not take or a value of the wrong type."""
     if accepted is None:
@@ -85,7 +98,7 @@ def check_params(
             )
 
 
-def matches(value: Any, hint: Any) -> bool:
+def matches(value: object, hint: object) -> bool:
     """Whether ``value`` fits the annotation ``hint`` (an int fits float; a bool fits only bool)."""
     origin = get_origin(hint)
     if hint is Any:
@@ -98,13 +111,14 @@ def matches(value: Any, hint: Any) -> bool:
         return value is None
     if hint in (int, float):
         return isinstance(value, int | float if hint is float else int) and not isinstance(value, bool)
+    target = origin or hint
     try:
-        return isinstance(value, origin or hint)
+        return isinstance(value, target) if isinstance(target, type) else True
     except TypeError:  # an annotation isinstance cannot check (a TypeVar, a Protocol)
         return True  # let the factory decide
 
 
-def type_name(hint: Any) -> str:
+def type_name(hint: object) -> str:
     """``float``, ``int | None``, ``SloState | None``: the annotation as a user reads it."""
     if inspect.isclass(hint) and get_origin(hint) is None:
         return "None" if hint is type(None) else hint.__name__

@@ -2,35 +2,34 @@
 expert costs (SPEC §4–§7).
 
 Every forward of the model (a prefill, then one per decode step) is one *step*:
-1. the BS's channel estimate at the current simulated time (stale / noisy CSI, from the trace)
-   becomes the policy's :class:`ExpertLatency` snapshot (equal bandwidth split);
-2. the model runs; every MoE block's policy selects on that snapshot and the recorder keeps what
+1. the cell's snapshot at the current simulated time (:class:`~wdmoe.latency.cell.Cell`: the BS's
+   stale / noisy estimate, the truth) gives the policy its latency view (equal bandwidth split);
+2. the model runs; every MoE block's policy selects on that view and the recorder keeps what
    ran: tokens per expert and layer n [L, E];
-3. :func:`account_step` prices n on the *true* channel of that time, with the allocator's split
-   per layer decided on the same estimate the policy saw, plus BS compute; simulated time advances
-   by the result. The channel is constant over one forward (block fading at the granularity of a
-   forward, as WDMoE assumes: the policy and the allocator can only act on what the BS knows when
-   the forward starts) and moves on between forwards.
+3. :func:`~wdmoe.latency.pricing.price_forward` — the function the BS prices with — prices n on
+   the *true* channel of that time, with the allocator's split per layer decided on the same
+   estimate the policy saw, plus BS compute; simulated time advances by the result, and the
+   policy is told what the step cost (``observe``). The channel is constant over one forward
+   (block fading at the granularity of a forward, as WDMoE assumes: the policy and the allocator
+   can only act on what the BS knows when the forward starts) and moves on between forwards.
 The same trace (seed) is replayed for every policy, so comparisons are paired.
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from wdmoe.allocation import Allocator, make_allocator
-from wdmoe.channel import ChannelState, generate_trace
+from wdmoe.allocation import make_allocator
 from wdmoe.channel.units import FloatArray
 from wdmoe.config import ScenarioConfig, check_range
 from wdmoe.errors import ConfigError
-from wdmoe.latency import bs_seconds, device_times, layer_demand, lm_head_flops
-from wdmoe.models.install import WirelessModel
-from wdmoe.policies.costs import ExpertLatency, bs_estimate
-from wdmoe.types import LayerTrace
+from wdmoe.latency.cell import Cell, CellSnapshot, Csi
+from wdmoe.latency.pricing import price_forward
+from wdmoe.models.install import ForwardCall, WirelessModel
+from wdmoe.types import Feedback, LayerTrace
 
 
 @dataclass(frozen=True)
@@ -131,46 +130,9 @@ def token_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
     return torch.where(attention_mask.bool(), rows, -1).reshape(-1)
 
 
-def account_step(
-    expert_tokens: FloatArray,
-    true: ChannelState,
-    view: ExpertLatency,
-    allocator: Allocator,
-    scenario: ScenarioConfig,
-    new_tokens: int,
-    context_tokens: int,
-) -> dict[str, Any]:
-    """Price loads n [L, E] on the true channel: per layer, the allocator splits the band on the
-    BS's estimate (``view``), then t_u = DL + compute + UL at those B_u on ``true``; T_l = max over
-    devices with work; BS compute per layer and the LM head from the scenario's model and C_BS."""
-    device_tokens = view.device_tokens(expert_tokens)  # [L, U]
-    # one allocation per distinct load: the layers of a decode step share a few patterns
-    loads, layer_of = np.unique(device_tokens, axis=0, return_inverse=True)
-    split = np.stack(
-        [
-            allocator.allocate(layer_demand(n, view.flops_per_s, view.cost), view.channel).bandwidth_hz
-            for n in loads
-        ]
-    )
-    bandwidth = split[np.asarray(layer_of).reshape(-1)]
-    times = device_times(
-        device_tokens, true.dl.rate_bps(bandwidth), true.ul.rate_bps(bandwidth), view.flops_per_s, view.cost
-    )
-    busy = device_tokens > 0
-    bs_flops = scenario.cell.bs_flops_per_s
-    return {
-        "downlink_s": times.downlink_s,
-        "compute_s": times.compute_s,
-        "uplink_s": times.uplink_s,
-        "waiting_s": np.max(np.where(busy, times.total_s, 0.0), axis=-1, initial=0.0),
-        "bs_s": bs_seconds(scenario.model, new_tokens, context_tokens, bs_flops),
-        "head_s": lm_head_flops(scenario.model) / bs_flops,
-    }
-
-
 @dataclass
 class Simulation:
-    """Runs a WirelessModel on a scenario's channel trace in simulated time (see module doc)."""
+    """Runs a WirelessModel on a scenario's cell in simulated time (see module doc)."""
 
     wm: WirelessModel
     scenario: ScenarioConfig
@@ -179,41 +141,39 @@ class Simulation:
 
     def __post_init__(self) -> None:
         check_model_matches(self.wm, self.scenario)
-        seed = self.scenario.seed if self.settings.seed is None else self.settings.seed
-        self.trace = generate_trace(self.scenario, self.settings.trace_blocks, seed)
-        self.allocator = make_allocator(self.settings.allocator)
-        self.csi_rng = np.random.default_rng(seed + 1)
+        s = self.settings
+        seed = self.scenario.seed if s.seed is None else s.seed
+        self.cell = Cell(self.scenario, s.trace_blocks, seed, Csi(s.csi_delay_blocks, s.csi_error_std_db))
+        self.allocator = make_allocator(s.allocator)
         self.time_s = 0.0
         self.context_tokens = 0
+        self.snapshot: CellSnapshot | None = None
 
-    def block(self, time_s: float | None = None) -> int:
-        """The trace block of ``time_s`` (default: now), clipped to the trace."""
-        t = self.time_s if time_s is None else time_s
-        return min(int(t // self.trace.block_s), self.trace.num_blocks - 1)
+    # --- the forward listener (see WirelessModel.attach) ------------------------------------
 
-    def estimate(self, block: int) -> ChannelState:
-        """The BS's channel estimate at ``block`` (stale / noisy CSI per the settings)."""
-        return bs_estimate(
-            self.trace, block, self.csi_rng, self.settings.csi_delay_blocks, self.settings.csi_error_std_db
-        )
-
-    def before_forward(self) -> ExpertLatency:
-        estimate = self.estimate(self.block())
-        view = ExpertLatency.from_scenario(self.scenario, estimate)
-        self.wm.set_context(estimate, view)
+    def before_forward(self, call: ForwardCall) -> None:
+        self.snapshot = self.cell.snapshot(self.time_s)
+        self.wm.set_view(self.snapshot.view)
         self.wm.recorder.clear()
         self.wm.recorder.enabled = True
-        return view
 
-    def after_forward(self, view: ExpertLatency, new_tokens: int) -> StepRecord:
-        """Account the forward just recorded as one step of the current request."""
+    def after_forward(self, call: ForwardCall, ok: bool) -> None:
+        """Account the forward just recorded: as one step of the current request, or each row as
+        its own request (``split_rows``, for a stateless forward starting a request)."""
+        snap, self.snapshot = self.snapshot, None
         traces = self.wm.recorder.clear()
-        return self.account(view, expert_loads(traces, self.wm.num_experts), new_tokens)
+        if not ok or snap is None:
+            return
+        if self.settings.split_rows and call.stateless and self.context_tokens == 0:
+            self.account_rows(snap, traces, token_rows(call.input_ids, call.attention_mask))
+        else:
+            self.account(snap, expert_loads(traces, self.wm.num_experts), call.new_tokens)
 
-    def after_rows(self, view: ExpertLatency, row: torch.Tensor) -> list[StepRecord]:
-        """Account each row (``row`` [T]: each token's row, −1 for padding) of the forward just
-        recorded as its own request."""
-        traces = self.wm.recorder.clear()
+    def account_rows(
+        self, snap: CellSnapshot, traces: list[LayerTrace], row: torch.Tensor
+    ) -> list[StepRecord]:
+        """Account each row (``row`` [T]: each token's row, −1 for padding) of one forward as its
+        own request, all arriving at the forward's start."""
         rows = int(row.max()) + 1
         kept, dropped, mass = row_loads(traces, self.wm.num_experts, row, rows)
         lengths = torch.bincount(row[row >= 0], minlength=rows).tolist()
@@ -221,76 +181,64 @@ class Simulation:
         steps = []
         for r in range(rows):
             self.new_request()
-            steps.append(self.account(view, (kept[r], dropped[r], mass[r]), int(lengths[r]), start_s))
+            steps.append(self.account(snap, (kept[r], dropped[r], mass[r]), int(lengths[r]), start_s))
         self.new_request()
         return steps
 
     def account(
         self,
-        view: ExpertLatency,
+        snap: CellSnapshot,
         loads: tuple[FloatArray, FloatArray, float],
         new_tokens: int,
         start_s: float | None = None,
     ) -> StepRecord:
-        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) with :func:`account_step` on
-        the true channel at ``start_s`` (default: now), the allocator deciding on ``view`` — the
-        estimate the policy decided on. Records the step; the clock advances by it."""
+        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) with
+        :func:`~wdmoe.latency.pricing.price_forward` on the snapshot's true channel, the allocator
+        deciding on its view. Records the step, advances the clock, tells the policy."""
         kept, dropped, mass = loads
-        start = self.time_s if start_s is None else start_s
-        first = self.trace.state(self.block(start))
-        cost = account_step(kept, first, view, self.allocator, self.scenario, new_tokens, self.context_tokens)
-        share = first.equal_share_hz()
+        view = snap.view
+        device_tokens = view.device_tokens(kept)
+        args = (self.scenario, device_tokens, new_tokens, self.context_tokens)
+        lat = price_forward(view, snap.true, self.allocator, *args).latency
+        share = snap.true.equal_share_hz()
         record = StepRecord(
             "prefill" if self.context_tokens == 0 else "decode",
-            start,
+            self.time_s if start_s is None else start_s,
             new_tokens,
             kept,
             dropped,
             mass,
-            view.device_tokens(kept),
+            device_tokens,
             view.device_tokens(dropped),
-            10 * np.log10(np.maximum(first.dl.snr(share), 1e-30)),
-            10 * np.log10(np.maximum(first.ul.snr(share), 1e-30)),
-            **cost,
+            10 * np.log10(np.maximum(snap.true.dl.snr(share), 1e-30)),
+            10 * np.log10(np.maximum(snap.true.ul.snr(share), 1e-30)),
+            lat.devices.downlink_s,
+            lat.devices.compute_s,
+            lat.devices.uplink_s,
+            lat.waiting_s,
+            lat.bs_s,
+            lat.head_s,
         )
         self.records.append(record)
         self.time_s += record.total_s
+        self.wm.observe(Feedback(record.total_s, new_tokens, decode=self.context_tokens > 0))
         self.context_tokens += new_tokens
         return record
 
     def new_request(self) -> None:
         """Start a new request: empty KV cache; simulated time (and the channel) go on."""
         self.context_tokens = 0
+        self.wm.begin_request()
 
     @contextmanager
     def attached(self) -> Iterator["Simulation"]:
-        """Account every forward of ``wm.model`` while inside (hooks removed on exit)."""
-        state: dict[str, ExpertLatency] = {}
-
-        def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            state["view"] = self.before_forward()
-
-        def post(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            assert ids is not None, "the model was called without input_ids"
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate: `cache`
-            no_cache = cache is None and not kwargs.get("use_cache", False)
-            if self.settings.split_rows and no_cache and self.context_tokens == 0:
-                self.after_rows(state.pop("view"), token_rows(ids, kwargs.get("attention_mask")))
-            else:
-                self.after_forward(state.pop("view"), int(ids.shape[-1]))
-
-        handles = [
-            self.wm.model.register_forward_pre_hook(pre, with_kwargs=True),
-            self.wm.model.register_forward_hook(post, with_kwargs=True),
-        ]
+        """Account every forward of ``wm.model`` while inside."""
         try:
-            yield self
+            with self.wm.attach(self):
+                yield self
         finally:
-            for h in handles:
-                h.remove()
             self.wm.recorder.enabled = False
-            self.wm.set_context(None, None)
+            self.wm.set_view(None)
 
 
 def check_model_matches(wm: WirelessModel, scenario: ScenarioConfig) -> None:

@@ -10,6 +10,7 @@ LayerId = NewType("LayerId", int)
 # resolved at run time, so the static type is open; adapters check the structure when installing.
 CausalLM = Any
 ExpertId = NewType("ExpertId", int)
+ExpertKey = tuple[int, int]  # (layer, expert): one expert of one MoE layer
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,18 @@ class LayerTrace:
         """[E] number of tokens each expert actually processed."""
         counts = torch.zeros(int(self.logits.shape[-1]), dtype=torch.long)
         return counts.index_add_(0, self.candidates[self.keep], torch.ones_like(self.candidates[self.keep]))
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What one forward cost, told to the policy after it (:meth:`Policy.observe`).
+
+    step_s: its latency (simulated, or measured at the BS) [s]; new_tokens: tokens it processed;
+    decode: it ran on a KV cache (a prefill is not); steps_left: forwards still to come in its
+    request (0: it was the last, or the caller cannot know).
+    """
+
+    step_s: float
+    new_tokens: int
+    decode: bool
+    steps_left: int = 0

@@ -3,7 +3,6 @@
 make_allocator("minmax").allocate(layer_demand(tokens, flops, cost), channel_state)
 """
 
-from typing import Any
 
 from wdmoe.allocation import equal as _equal  # noqa: F401  (registers "equal")
 from wdmoe.allocation import minmax as _minmax  # noqa: F401  (registers "minmax")
@@ -11,7 +10,7 @@ from wdmoe.allocation import proportional as _proportional  # noqa: F401  (regis
 from wdmoe.allocation.base import ALLOCATORS, Allocation, Allocator, InfeasibleAllocationError
 
 
-def make_allocator(name: str, **params: Any) -> Allocator:
+def make_allocator(name: str, **params: object) -> Allocator:
     """Build a registered allocator by name; unknown names raise UnknownNameError."""
     allocator: Allocator = ALLOCATORS.get(name)(**params)
     return allocator

@@ -1,7 +1,7 @@
 """The allocator protocol, the Allocation value and the registry of allocators."""
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -9,7 +9,7 @@ from wdmoe.channel.state import ChannelState
 from wdmoe.channel.units import FloatArray
 from wdmoe.errors import WdmoeError
 from wdmoe.latency import LayerDemand
-from wdmoe.registry import Registry
+from wdmoe.registry import Factories
 
 
 class InfeasibleAllocationError(WdmoeError, ValueError):
@@ -36,4 +36,4 @@ class Allocator(Protocol):
     def allocate(self, demand: LayerDemand, channel: ChannelState) -> Allocation: ...
 
 
-ALLOCATORS: Registry[Any] = Registry("bandwidth allocator")
+ALLOCATORS: Factories[Allocator] = Factories("bandwidth allocator")

@@ -15,7 +15,7 @@ from scipy.signal import lfilter
 from scipy.special import j0
 
 from wdmoe.channel.units import SPEED_OF_LIGHT_MPS, ComplexArray, FloatArray, db_to_linear
-from wdmoe.registry import Registry
+from wdmoe.registry import Factories
 
 
 def complex_normal(shape: tuple[int, ...], rng: np.random.Generator) -> ComplexArray:
@@ -57,7 +57,7 @@ class Fading(Protocol):
         ...
 
 
-FADING: Registry[Any] = Registry("fading model")
+FADING: Factories[Fading] = Factories("fading model")
 
 
 @FADING.register("none")

@@ -5,12 +5,12 @@ positions [U, 2] into a track [N, U, 2] sampled every ``block_s`` seconds (N blo
 """
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from wdmoe.channel.units import FloatArray
-from wdmoe.registry import Registry
+from wdmoe.registry import Factories
 
 
 def drop_annulus(num_devices: int, r_min_m: float, r_max_m: float, rng: np.random.Generator) -> FloatArray:
@@ -38,7 +38,7 @@ class Mobility(Protocol):
         ...
 
 
-MOBILITY: Registry[Any] = Registry("mobility model")
+MOBILITY: Factories[Mobility] = Factories("mobility model")
 
 
 @MOBILITY.register("static")

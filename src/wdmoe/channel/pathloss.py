@@ -7,12 +7,12 @@ d_3D = sqrt(d_2D² + (h_BS − h_UT)²) and f_c in GHz inside the logarithms.
 """
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from wdmoe.channel.units import SPEED_OF_LIGHT_MPS, BoolArray, FloatArray
-from wdmoe.registry import Registry
+from wdmoe.registry import Factories
 
 MIN_DISTANCE_M = 1.0
 
@@ -25,7 +25,7 @@ class PathLoss(Protocol):
     def shadowing_std_db(self, los: BoolArray) -> FloatArray: ...
 
 
-PATHLOSS: Registry[Any] = Registry("path-loss model")
+PATHLOSS: Factories[PathLoss] = Factories("path-loss model")
 
 
 def _sigma_db(los: BoolArray, los_db: float, nlos_db: float, override_db: float | None) -> FloatArray:

@@ -18,28 +18,29 @@ model_args: ``model`` ('default' or a local checkpoint folder), ``policy`` (a re
 ``scenario`` (preset or .toml), ``overrides`` (dotted scenario overrides separated by ``;``,
 e.g. ``overrides=cell.bandwidth_hz=10e6;cell.num_devices=4``), ``allocator``, ``seed``, and any
 parameter of HFLM itself (``batch_size``, ``max_length``, …) except ``pretrained`` / ``tokenizer``.
+They make a :class:`~wdmoe.studies.runner.EvalPoint`, recorded as ``wdmoe eval`` records its run;
+the values of a model_args string are read as `--set` reads its own (:func:`wdmoe.config.parse_value`).
 """
 
 import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from wdmoe.allocation import make_allocator
-from wdmoe.config import ScenarioConfig, load_scenario
+from wdmoe.config import ScenarioConfig, parse_assignment
 from wdmoe.errors import ConfigError
 from wdmoe.eval.results import latency_summary
-from wdmoe.eval.runner import new_request_hook, scenario_overrides
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import DEFAULT, load_checkpoint
-from wdmoe.policies import POLICIES, make_policy
+from wdmoe.policies import POLICIES
 from wdmoe.simulate import SimSettings, Simulation
+from wdmoe.studies.runner import EvalPoint, PolicySpec, new_request_hook
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,11 @@ SET_BY_WDMOE = ("pretrained", "tokenizer")  # the loaded model and its tokenizer
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """wdmoe's model_args, checked; ``policy_params`` are the policy's own (θ included)."""
+    """lm-eval's model_args, checked: ``point``, the evaluation point wdmoe's arguments describe
+    (model, policy with θ and top-k, scenario, simulation), and ``hflm``, HFLM's own arguments."""
 
-    model: str = DEFAULT
-    policy: str = "topk"
-    policy_params: Mapping[str, Any] = field(default_factory=dict)
-    top_k: int | None = None
-    scenario: str = "paper"
-    overrides: tuple[str, ...] = ()
-    allocator: str = "equal"
-    seed: int = 0
-
-    def scenario_overrides(self) -> list[str]:
-        return scenario_overrides(self.model, self.overrides)
+    point: EvalPoint
+    hflm: Mapping[str, Any]
 
 
 def as_text(name: str, value: Any) -> str:
@@ -89,21 +82,24 @@ def policy_parameters(policy: str) -> tuple[str, ...]:
     return tuple(p for p in params if p not in ("name", "state"))
 
 
-def parse_model_args(raw: Mapping[str, Any]) -> tuple[ModelArgs, dict[str, Any]]:
-    """lm-eval's model_args → (wdmoe's, checked; HFLM's own). Errors name the argument and its value."""
-    rest = dict(raw)
-    policy = as_text("policy", rest.pop("policy", "topk"))
+def parse_arg_string(text: str) -> dict[str, Any]:
+    """``policy=wdmoe,theta=0.1,overrides=a.b=1;c.d=2`` → {"policy": "wdmoe", "theta": 0.1, …}:
+    comma-separated NAME=VALUE pairs, each value read as `--set` and `--param` read theirs."""
+    pairs = [p for p in text.split(",") if p.strip()]
+    example = "(e.g. policy=wdmoe,theta=0.1)"
+    return dict(parse_assignment(p, f"model_args {p!r} is not NAME=VALUE {example}") for p in pairs)
+
+
+def split_args(policy: str, rest: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The arguments that are not wdmoe's own → (the policy's, HFLM's); others are errors."""
     accepted = policy_parameters(policy)  # an unknown policy raises here, naming it and the known ones
     params: dict[str, Any] = {}
     hf: dict[str, Any] = {}
-    theta = rest.pop("theta", None)
-    if theta is not None:
-        rest["theta"] = as_number("theta", theta)
     for key, value in rest.items():
         if key in WDMOE_ARGS and key != "theta":
             continue
         if key in accepted:
-            params[key] = value
+            params[key] = as_number(key, value) if key == "theta" else value
         elif key == "theta":
             raise ConfigError(
                 f"model_args theta={value!r}: policy {policy!r} has no θ "
@@ -116,26 +112,30 @@ def parse_model_args(raw: Mapping[str, Any]) -> tuple[ModelArgs, dict[str, Any]]
                 f"unknown model_args {key}={value!r}; wdmoe takes {', '.join(WDMOE_ARGS)}, policy "
                 f"{policy!r} takes {', '.join(accepted) or 'no parameter'}, and HFLM's own (e.g. batch_size)"
             )
-    args = ModelArgs(
-        model=as_text("model", rest.get("model", DEFAULT)),
-        policy=policy,
-        policy_params=params,
-        top_k=None if rest.get("top_k") is None else as_int("top_k", rest["top_k"], 1),
-        scenario=as_text("scenario", rest.get("scenario", "paper")),
-        overrides=tuple(o.strip() for o in as_text("overrides", rest.get("overrides", "")).split(";") if o),
-        allocator=as_text("allocator", rest.get("allocator", "equal")),
-        seed=as_int("seed", rest.get("seed", 0), 0),
+    return params, hf
+
+
+def parse_model_args(raw: Mapping[str, Any]) -> ModelArgs:
+    """lm-eval's model_args → wdmoe's evaluation point and HFLM's own arguments, checked. Errors
+    name the argument and its value; theta=None is no θ."""
+    raw = {k: v for k, v in raw.items() if k != "theta" or v is not None}
+    policy = as_text("policy", raw.get("policy", "topk"))
+    params, hf = split_args(policy, raw)
+    top_k = None if raw.get("top_k") is None else as_int("top_k", raw["top_k"], 1)
+    overrides = as_text("overrides", raw.get("overrides", "")).split(";")
+    point = EvalPoint(
+        model=as_text("model", raw.get("model", DEFAULT)),
+        policy=PolicySpec(policy, params, top_k),
+        scenario=as_text("scenario", raw.get("scenario", "paper")),
+        overrides=tuple(o.strip() for o in overrides if o),
+        sim=SimSettings(
+            allocator=as_text("allocator", raw.get("allocator", "equal")),
+            seed=as_int("seed", raw.get("seed", 0), 0),
+            split_rows=True,  # as `wdmoe eval` scores: every row of a batch is its own request
+        ),
     )
-    make_allocator(args.allocator)  # an unknown allocator raises now, not after the model has loaded
-    return args, hf
-
-
-def build_policy(args: ModelArgs) -> Any:
-    """The policy of ``args``; a value out of range raises ConfigError naming it (e.g. wdmoe.theta)."""
-    try:
-        return make_policy(args.policy, **args.policy_params)
-    except TypeError as e:
-        raise ConfigError(f"policy {args.policy!r} does not take {dict(args.policy_params)}: {e}") from e
+    make_allocator(point.sim.allocator)  # an unknown allocator raises now, not after the model has loaded
+    return ModelArgs(point, hf)
 
 
 @register_model("wdmoe")
@@ -146,16 +146,16 @@ class WdmoeLM(HFLM):  # type: ignore[misc]  # HFLM is untyped
         device = model_args.pop("device", None)  # lm-eval's CLI passes cuda:0 unless told otherwise
         if device not in (None, "cpu"):
             log.info("device=%s ignored: wdmoe runs the model on the CPU (where it is simulated)", device)
-        args, hf_kwargs = parse_model_args(model_args)
-        policy = build_policy(args)
-        scenario = load_scenario(args.scenario, args.scenario_overrides())
-        settings = SimSettings(allocator=args.allocator, seed=args.seed, split_rows=True)
-        net, tok = load_checkpoint(args.model)
+        args = parse_model_args(model_args)
+        point = args.point
+        policy = point.policy.build()
+        scenario = point.load_scenario()
+        net, tok = load_checkpoint(point.model)
         wm = install(net, policy)
-        if args.top_k is not None:
-            wm.set_top_k(args.top_k)
-        sim = Simulation(wm, scenario, settings)  # checks that the scenario describes this model
-        super().__init__(pretrained=net, tokenizer=tok, **hf_kwargs)
+        if point.policy.top_k is not None:
+            wm.set_top_k(point.policy.top_k)
+        sim = Simulation(wm, scenario, point.sim)  # checks that the scenario describes this model
+        super().__init__(pretrained=net, tokenizer=tok, **args.hflm)
         self.args: ModelArgs = args
         self.wm: WirelessModel = wm
         self.scenario: ScenarioConfig = scenario
@@ -165,10 +165,9 @@ class WdmoeLM(HFLM):  # type: ignore[misc]  # HFLM is untyped
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "WdmoeLM":
-        """As LM's, but a value in model_args (e.g. batch_size) wins over the CLI's default for it."""
-        from lm_eval.utils import simple_parse_args_string
-
-        args = simple_parse_args_string(arg_string)
+        """As LM's, but a value in model_args (e.g. batch_size) wins over the CLI's default for it,
+        and the values are read as wdmoe's `--set` and `--param` read theirs."""
+        args = parse_arg_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
         return cls(**args, **extra)
 
@@ -180,21 +179,9 @@ class WdmoeLM(HFLM):  # type: ignore[misc]  # HFLM is untyped
         return cls(**arg_dict, **extra)
 
     def config(self) -> dict[str, Any]:
-        """The resolved configuration, for result records (as ``wdmoe eval`` writes it)."""
-        a = self.args
-        model = a.model if a.model == DEFAULT else str(Path(a.model).resolve())
-        return {
-            "model": model,
-            "policy": {"name": a.policy, "params": dict(a.policy_params)},
-            "top_k": self.wm.top_k,
-            "scenario": {
-                "name": a.scenario,
-                "overrides": a.scenario_overrides(),
-                "resolved": self.scenario.to_dict(),
-            },
-            "allocator": a.allocator,
-            "seeds": {"channel": a.seed},
-        }
+        """The resolved configuration, for result records: the run's part of what ``wdmoe eval``
+        writes (the same code), without wdmoe's item and scoring settings."""
+        return self.args.point.run_config(self.scenario, self.wm.top_k)
 
     @contextmanager
     def accounted(self) -> Iterator[Simulation]:
@@ -218,10 +205,10 @@ class WdmoeLM(HFLM):  # type: ignore[misc]  # HFLM is untyped
         log.info("wdmoe simulated latency (%s): %s", self.label(), brief(self.latency))
 
     def label(self) -> str:
-        params = ",".join(f"{k}={v}" for k, v in self.args.policy_params.items())
-        policy = f"{self.args.policy}({params})" if params else self.args.policy
-        a = self.args
-        return f"{policy}, top-{self.wm.top_k}, {self.scenario.name}, {a.allocator}, seed {a.seed}"
+        spec, sim = self.args.point.policy, self.args.point.sim
+        params = ",".join(f"{k}={v}" for k, v in spec.params.items())
+        policy = f"{spec.name}({params})" if params else spec.name
+        return f"{policy}, top-{self.wm.top_k}, {self.scenario.name}, {sim.allocator}, seed {sim.seed}"
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         with self.accounted():

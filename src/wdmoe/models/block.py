@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.dispatch import Dispatcher
 from wdmoe.policies.base import Policy, check_selection
 from wdmoe.types import LayerTrace, RouterOutput, Selection
@@ -22,6 +23,15 @@ ImportanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 def softmax_importance(logits: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Importance of a softmax-combining model: its softmax probability of each candidate."""
     return torch.softmax(logits.float(), dim=-1).gather(-1, candidates)
+
+
+@dataclass
+class BlockContext:
+    """What every MoE block of a model shares: the policy, and the latency view it decides on (set
+    once per forward by the simulator or the BS; None outside a cell)."""
+
+    policy: Policy
+    view: ExpertLatency | None = None
 
 
 @dataclass
@@ -70,7 +80,7 @@ class WirelessMoEBlock(nn.Module):
         *,
         renormalize: bool,
         importance: ImportanceFn,
-        policy: Policy,
+        context: BlockContext,
         dispatcher: Dispatcher,
         recorder: Recorder,
         shared_expert: nn.Module | None = None,
@@ -81,8 +91,7 @@ class WirelessMoEBlock(nn.Module):
         self.gate, self.experts = gate, experts
         self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
         self.renormalize, self.importance = renormalize, importance
-        self.policy, self.dispatcher, self.recorder = policy, dispatcher, recorder
-        self.context: tuple[Any, Any] = (None, None)  # (channel, latency) the policy decides on
+        self.context, self.dispatcher, self.recorder = context, dispatcher, recorder
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """Run the model's own router on x [T, D]."""
@@ -93,7 +102,7 @@ class WirelessMoEBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
         route = self.route(x)
-        sel = self.policy.select(route, *self.context)
+        sel = self.context.policy.select(route, self.context.view)
         check_selection(route, sel)
         out, sel, failed = self.dispatch_and_combine(x, route, sel)
         if self.shared_expert is not None:

@@ -1,16 +1,61 @@
-"""Install wdmoe into a loaded model: swap each sparse MoE block for a WirelessMoEBlock."""
+"""Install wdmoe into a loaded model: swap each sparse MoE block for a WirelessMoEBlock.
 
+The :class:`WirelessModel` handle is how the simulator and the BS drive a model, the same way:
+``attach(listener)`` calls ``listener.before_forward`` / ``after_forward`` around every forward
+(module hooks; the latter also when the forward raised), ``set_view`` gives the blocks the latency
+view of this forward, ``observe`` / ``begin_request`` tell the policy what a forward cost and
+when a request starts.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from wdmoe.errors import ConfigError
+from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.adapters import MoEAdapter, adapter_for, decoder_layers, moe_blocks
-from wdmoe.models.block import Recorder, WirelessMoEBlock
+from wdmoe.models.block import BlockContext, Recorder, WirelessMoEBlock
 from wdmoe.models.dispatch import Dispatcher, LocalDispatcher
 from wdmoe.policies import Policy, make_policy
-from wdmoe.types import CausalLM
+from wdmoe.types import CausalLM, Feedback
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """One call of the model as its hooks see it: input_ids [B, S], the attention mask, the KV
+    cache handed in (None: none) and whether the model was asked to build one."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    cache: Any
+    use_cache: bool
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict[str, Any]) -> "ForwardCall":
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        assert ids is not None, "the model was called without input_ids"
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate: `cache`
+        return cls(ids, kwargs.get("attention_mask"), cache, bool(kwargs.get("use_cache", False)))
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+    @property
+    def stateless(self) -> bool:
+        """Neither reads nor builds a KV cache (a scoring forward: its rows are independent)."""
+        return self.cache is None and not self.use_cache
+
+
+class ForwardListener(Protocol):
+    """Told about every forward of an attached model (the simulator, the BS)."""
+
+    def before_forward(self, call: ForwardCall) -> None: ...
+
+    def after_forward(self, call: ForwardCall, ok: bool) -> None: ...
 
 
 @dataclass
@@ -21,6 +66,7 @@ class WirelessModel:
     adapter: MoEAdapter
     blocks: dict[int, WirelessMoEBlock]
     recorder: Recorder
+    context: BlockContext
 
     @property
     def num_experts(self) -> int:
@@ -30,14 +76,43 @@ class WirelessModel:
     def top_k(self) -> int:
         return int(next(iter(self.blocks.values())).gate.top_k)
 
-    def set_policy(self, policy: Policy) -> None:
-        for block in self.blocks.values():
-            block.policy = policy
+    @property
+    def policy(self) -> Policy:
+        return self.context.policy
 
-    def set_context(self, channel: Any = None, latency: Any = None) -> None:
-        """The snapshot every block hands its policy: select(route, channel, latency)."""
-        for block in self.blocks.values():
-            block.context = (channel, latency)
+    def set_policy(self, policy: Policy) -> None:
+        self.context.policy = policy
+
+    def set_view(self, view: ExpertLatency | None) -> None:
+        """The latency view every block hands its policy: select(route, view)."""
+        self.context.view = view
+
+    def observe(self, feedback: Feedback) -> None:
+        """Tell the policy what the last forward cost; install the policy it returns."""
+        self.context.policy = self.context.policy.observe(feedback)
+
+    def begin_request(self) -> None:
+        self.context.policy = self.context.policy.begin_request()
+
+    @contextmanager
+    def attach(self, listener: ForwardListener) -> Iterator[None]:
+        """Call ``listener`` around every forward of the model while inside (hooks removed on exit)."""
+
+        def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            listener.before_forward(ForwardCall.of(args, kwargs))
+
+        def post(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            listener.after_forward(ForwardCall.of(args, kwargs), ok=out is not None)
+
+        handles = [
+            self.model.register_forward_pre_hook(pre, with_kwargs=True),
+            self.model.register_forward_hook(post, with_kwargs=True, always_call=True),
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         for block in self.blocks.values():
@@ -76,7 +151,7 @@ def install(
     together reproduce the unmodified model.
     """
     adapter = adapter_for(model)
-    policy = policy or make_policy("topk")
+    context = BlockContext(policy or make_policy("topk"))
     recorder = Recorder()
     layers = decoder_layers(model)
     renormalize = adapter.renormalize(model.config)
@@ -90,13 +165,13 @@ def install(
             old.experts,
             renormalize=renormalize,
             importance=adapter.importance,
-            policy=policy,
+            context=context,
             dispatcher=None,  # type: ignore[arg-type]  # set below, once all blocks exist
             recorder=recorder,
             shared_expert=getattr(old, "shared_expert", None),
             shared_expert_gate=getattr(old, "shared_expert_gate", None),
         )
         layers[i].mlp = blocks[i]
-    handle = WirelessModel(model, adapter, blocks, recorder)
+    handle = WirelessModel(model, adapter, blocks, recorder, context)
     handle.set_dispatcher(dispatcher or handle.local_dispatcher())
     return handle

@@ -1,6 +1,5 @@
 """Expert selection policies (pure, registered by name)."""
 
-from typing import Any
 
 from wdmoe.policies import budget as _budget  # noqa: F401  (registers "budget")
 from wdmoe.policies import joint as _joint  # noqa: F401  (registers "joint")
@@ -10,14 +9,13 @@ from wdmoe.policies import topp as _topp  # noqa: F401  (registers "topp")
 from wdmoe.policies import wdmoe as _wdmoe  # noqa: F401  (registers "wdmoe")
 from wdmoe.policies import wdmoe_j as _wdmoe_j  # noqa: F401  (registers "wdmoe-j")
 from wdmoe.policies.base import Policy, check_selection, mask_selection
-from wdmoe.policies.costs import ExpertLatency, bs_estimate, noisy_csi
 from wdmoe.policies.registry import POLICIES
 
 # Accepted by every policy but not user settings: the display name and the SLO controller's state.
 INTERNAL_PARAMS = ("name", "state")
 
 
-def make_policy(name: str, **params: Any) -> Policy:
+def make_policy(name: str, **params: object) -> Policy:
     """Build a registered policy by name. An unknown name raises UnknownNameError; a parameter
     the policy does not take, or a value of the wrong type or range, raises ConfigError naming
     the policy, the parameter, the value and the parameters it takes (with their types)."""
@@ -27,11 +25,8 @@ def make_policy(name: str, **params: Any) -> Policy:
 
 __all__ = [
     "POLICIES",
-    "ExpertLatency",
     "Policy",
-    "bs_estimate",
     "check_selection",
     "make_policy",
     "mask_selection",
-    "noisy_csi",
 ]

@@ -1,23 +1,53 @@
 """The selection-policy protocol and the helpers every policy shares."""
 
-from typing import Any, Protocol
+from typing import Protocol, Self
 
 import torch
 
-from wdmoe.errors import SelectionError
-from wdmoe.types import RouterOutput, Selection
+from wdmoe.errors import ConfigError, SelectionError
+from wdmoe.latency.view import ExpertLatency
+from wdmoe.types import Feedback, RouterOutput, Selection
 
 
 class Policy(Protocol):
-    """A pure function of a snapshot: router output (+ channel, latency model) → Selection.
+    """A pure function of a snapshot: router output + the BS's latency view → Selection.
 
     A policy may only drop candidates (never add experts), must keep ≥ 1 expert per token,
-    and leaves the weight arithmetic to :func:`mask_selection`.
+    and leaves the weight arithmetic to :func:`mask_selection`. ``view`` is None where no cell is
+    attached (channel-blind policies need none). After every forward the simulator and the BS tell
+    the policy what it cost (``observe``) and install the policy it returns; ``begin_request``
+    likewise at the start of each request. Policies are immutable values: feedback policies carry
+    their state and return an updated copy.
     """
 
     name: str
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection: ...
+    def select(self, route: RouterOutput, view: ExpertLatency | None = None) -> Selection: ...
+
+    def observe(self, feedback: Feedback) -> "Policy": ...
+
+    def begin_request(self) -> "Policy": ...
+
+
+class Stateless:
+    """The feedback half of :class:`Policy` for policies that learn nothing: they stay as they are."""
+
+    def observe(self, feedback: Feedback) -> Self:
+        return self
+
+    def begin_request(self) -> Self:
+        return self
+
+
+def require_latency(policy: str, view: ExpertLatency | None) -> ExpertLatency:
+    """The latency view a channel-aware policy needs, or a ConfigError that says how to give it."""
+    if not isinstance(view, ExpertLatency):
+        raise ConfigError(
+            f"policy {policy!r} is channel-aware and needs an ExpertLatency view, got "
+            f"{type(view).__name__}; pass it as select(route, view) or run the model in a cell "
+            "(WirelessModel.set_view, the simulator or the BS)"
+        )
+    return view
 
 
 def mask_selection(route: RouterOutput, keep: torch.Tensor) -> Selection:

@@ -15,15 +15,14 @@ and without the ≥ 1 rule the optimum keeps each device's c_u most important pa
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from wdmoe.channel.units import BoolArray, FloatArray
 from wdmoe.config import check_range
-from wdmoe.policies.base import mask_selection
-from wdmoe.policies.costs import ExpertLatency, IntArray, require_latency
+from wdmoe.latency.view import ExpertLatency, IntArray
+from wdmoe.policies.base import Stateless, mask_selection, require_latency
 from wdmoe.policies.registry import POLICIES
 from wdmoe.types import RouterOutput, Selection
 
@@ -72,7 +71,7 @@ def budget_keep(route: RouterOutput, latency: ExpertLatency, tau_s: float) -> to
 
 @POLICIES.register("budget")
 @dataclass(frozen=True)
-class Budget:
+class Budget(Stateless):
     """Max retained importance with every selected device finishing within τ > 0 seconds."""
 
     tau_s: float = 0.05
@@ -81,5 +80,5 @@ class Budget:
     def __post_init__(self) -> None:
         check_range("budget.tau_s", self.tau_s, 0.0, np.inf, lo_open=True)
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection:
-        return mask_selection(route, budget_keep(route, require_latency(self.name, latency), self.tau_s))
+    def select(self, route: RouterOutput, view: ExpertLatency | None = None) -> Selection:
+        return mask_selection(route, budget_keep(route, require_latency(self.name, view), self.tau_s))

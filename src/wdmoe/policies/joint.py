@@ -13,7 +13,6 @@ share it would get back if it rejoined, instead of ∞.
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +20,8 @@ import torch
 from wdmoe.allocation import make_allocator
 from wdmoe.allocation.base import Allocator
 from wdmoe.config import check_range
-from wdmoe.policies.base import mask_selection
-from wdmoe.policies.costs import ExpertLatency, require_latency
+from wdmoe.latency.view import ExpertLatency
+from wdmoe.policies.base import Stateless, mask_selection, require_latency
 from wdmoe.policies.registry import POLICIES
 from wdmoe.policies.wdmoe import WDMoE
 from wdmoe.types import RouterOutput, Selection
@@ -43,10 +42,10 @@ def joint_select(
     route: RouterOutput, latency: ExpertLatency, rule: WDMoE, allocator: Allocator, max_iter: int
 ) -> tuple[Selection, ExpertLatency]:
     """The stable (or last) selection and the view carrying its allocation."""
-    keep = rule.select(route, None, latency).keep
+    keep = rule.select(route, latency).keep
     view = latency.allocate(allocator, expert_tokens(route, keep))
     for _ in range(max_iter):
-        nxt = keep & rule.select(route, None, pricing_view(view)).keep
+        nxt = keep & rule.select(route, pricing_view(view)).keep
         if torch.equal(nxt, keep):
             break
         keep = nxt
@@ -56,7 +55,7 @@ def joint_select(
 
 @POLICIES.register("joint")
 @dataclass(frozen=True)
-class Joint:
+class Joint(Stateless):
     """WDMoE-θ (θ ∈ [0, 1]) alternated with a bandwidth allocator, max_iter ≥ 1 rounds."""
 
     theta: float = 0.2
@@ -70,7 +69,7 @@ class Joint:
         check_range("joint.max_iter", self.max_iter, 1, 1000)
         make_allocator(self.allocator)  # unknown names fail here, at build time
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection:
-        view = require_latency(self.name, latency)
+    def select(self, route: RouterOutput, view: ExpertLatency | None = None) -> Selection:
+        view = require_latency(self.name, view)
         rule = WDMoE(self.theta, self.k_scaled)
         return joint_select(route, view, rule, make_allocator(self.allocator), self.max_iter)[0]

@@ -1,7 +1,10 @@
 """Registry of selection policies: ``POLICIES.get(name)(**params)``."""
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from wdmoe.registry import Registry
+from wdmoe.registry import Factories
 
-POLICIES: Registry[Any] = Registry("policy")
+if TYPE_CHECKING:
+    from wdmoe.policies.base import Policy
+
+POLICIES: "Factories[Policy]" = Factories("policy")

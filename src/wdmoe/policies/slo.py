@@ -2,30 +2,32 @@
 latency target L* with as little dropped as possible (the seed's suggestion).
 
 Control law (integral action on the relative error of the projected request latency), applied
-after every decode step n of a request:
+after every forward n of a request, with what it cost (:class:`~wdmoe.types.Feedback`):
     spent_n = Σ_{i ≤ n} step_s_i                      (prefill included)
     L̂_n     = spent_n + steps_left_n · step_s_n       (remaining steps cost what the last one did)
     θ_{n+1} = clip(θ_n + κ·(L̂_n / L* − 1), θ_min, θ_max)
-A prefill step only adds to ``spent`` (its time says nothing about a decode step). θ rises while
-the request is projected late and falls back towards θ_min (top-k at 0) while there is slack, so
-accuracy is given up only when the target needs it; θ carries over to the next request.
+A prefill followed by decode steps only adds to ``spent`` (its time says nothing about a decode
+step); a request of one forward (a scored sequence) is judged on its own latency. When the steps
+left are unknown (0), L̂ is what was spent. θ rises while requests are projected late and falls
+back towards θ_min (top-k at 0) while there is slack, so accuracy is given up only when the target
+needs it; θ carries over to the next request.
 
 The controller state is an explicit immutable value (:class:`SloState`) inside the policy; the
-caller owns it: ``policy = policy.observe(step_s, steps_left)`` returns the updated policy to
-install, ``policy.begin_request()`` starts the next request. ``select`` stays a pure function of
-the snapshot and that state.
+simulator and the BS own it: they install ``policy.observe(feedback)`` after every forward and
+``policy.begin_request()`` at the start of each request. ``select`` stays a pure function of the
+view and that state.
 """
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
 from wdmoe.config import check_range
 from wdmoe.errors import ConfigError
+from wdmoe.latency.view import ExpertLatency
 from wdmoe.policies.registry import POLICIES
 from wdmoe.policies.wdmoe import WDMoE
-from wdmoe.types import RouterOutput, Selection
+from wdmoe.types import Feedback, RouterOutput, Selection
 
 
 @dataclass(frozen=True)
@@ -71,17 +73,18 @@ class Slo:
     def theta(self) -> float:
         return self.theta_min if self.state is None else self.state.theta
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection:
-        return WDMoE(self.theta, self.k_scaled, name=self.name).select(route, channel, latency)
+    def select(self, route: RouterOutput, view: ExpertLatency | None = None) -> Selection:
+        return WDMoE(self.theta, self.k_scaled, name=self.name).select(route, view)
 
     def begin_request(self) -> "Slo":
         """The policy for a new request: θ kept, the request's spent time reset."""
         return replace(self, state=SloState(self.theta))
 
-    def observe(self, step_s: float, steps_left: int, decode: bool = True) -> "Slo":
-        """The policy after a forward pass of ``step_s`` seconds with ``steps_left`` to go."""
+    def observe(self, feedback: Feedback) -> "Slo":
+        """The policy after a forward that cost ``feedback.step_s`` (module doc)."""
         state = self.state or SloState(self.theta)
-        if not decode:
-            return replace(self, state=replace(state, spent_s=state.spent_s + step_s))
+        if not feedback.decode and feedback.steps_left > 0:
+            return replace(self, state=replace(state, spent_s=state.spent_s + feedback.step_s))
         bounds = (self.theta_min, self.theta_max)
-        return replace(self, state=slo_update(state, step_s, steps_left, self.target_s, self.gain, bounds))
+        update = slo_update(state, feedback.step_s, feedback.steps_left, self.target_s, self.gain, bounds)
+        return replace(self, state=update)

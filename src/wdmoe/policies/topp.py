@@ -7,12 +7,12 @@ the most important one.
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from wdmoe.config import check_range
-from wdmoe.policies.base import mask_selection
+from wdmoe.latency.view import ExpertLatency
+from wdmoe.policies.base import Stateless, mask_selection
 from wdmoe.policies.registry import POLICIES
 from wdmoe.types import RouterOutput, Selection
 
@@ -30,7 +30,7 @@ def top_p_keep(importance: torch.Tensor, p: float) -> torch.Tensor:
 
 @POLICIES.register("topp")
 @dataclass(frozen=True)
-class TopP:
+class TopP(Stateless):
     """Dynamic top-p; p ∈ (0, 1]."""
 
     p: float = 0.9
@@ -39,5 +39,5 @@ class TopP:
     def __post_init__(self) -> None:
         check_range("topp.p", self.p, 0.0, 1.0, lo_open=True)
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection:
+    def select(self, route: RouterOutput, view: ExpertLatency | None = None) -> Selection:
         return mask_selection(route, top_p_keep(route.importance, self.p))

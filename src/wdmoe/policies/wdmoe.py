@@ -8,13 +8,12 @@ what it means for Mixtral's k = 2).
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from wdmoe.config import check_range
-from wdmoe.policies.base import mask_selection
-from wdmoe.policies.costs import ExpertLatency, require_latency
+from wdmoe.latency.view import ExpertLatency
+from wdmoe.policies.base import Stateless, mask_selection, require_latency
 from wdmoe.policies.registry import POLICIES
 from wdmoe.types import RouterOutput, Selection
 
@@ -50,7 +49,7 @@ def effective_theta(theta: float, k: int, k_scaled: bool) -> float:
 
 @POLICIES.register("wdmoe")
 @dataclass(frozen=True)
-class WDMoE:
+class WDMoE(Stateless):
     """WDMoE-θ; θ ∈ [0, 1]."""
 
     theta: float = 0.2
@@ -60,8 +59,8 @@ class WDMoE:
     def __post_init__(self) -> None:
         check_range("wdmoe.theta", self.theta, 0.0, 1.0)
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection:
+    def select(self, route: RouterOutput, view: ExpertLatency | None = None) -> Selection:
         alive = torch.ones_like(route.candidates, dtype=torch.bool)
-        t_s = candidate_latency_s(route, require_latency(self.name, latency))
+        t_s = candidate_latency_s(route, require_latency(self.name, view))
         theta = effective_theta(self.theta, route.top_k, self.k_scaled)
         return mask_selection(route, threshold_keep(wlr_share(route.importance, t_s, alive), theta))

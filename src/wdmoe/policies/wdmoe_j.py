@@ -12,14 +12,13 @@ below θ; shares are recomputed over the survivors. At most ⌈1/Δθ⌉ rounds;
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from wdmoe.config import check_range
-from wdmoe.policies.base import mask_selection
-from wdmoe.policies.costs import require_latency
+from wdmoe.latency.view import ExpertLatency
+from wdmoe.policies.base import Stateless, mask_selection, require_latency
 from wdmoe.policies.registry import POLICIES
 from wdmoe.policies.wdmoe import candidate_latency_s
 from wdmoe.types import RouterOutput, Selection
@@ -66,7 +65,7 @@ def iterative_keep(
 
 @POLICIES.register("wdmoe-j")
 @dataclass(frozen=True)
-class WDMoEJournal:
+class WDMoEJournal(Stateless):
     """Iterative θ: alpha ∈ [0, 1], delta_theta ∈ (0, 1], gamma > 0."""
 
     alpha: float = 0.5
@@ -79,8 +78,8 @@ class WDMoEJournal:
         check_range("wdmoe-j.delta_theta", self.delta_theta, 0.0, 1.0, lo_open=True)
         check_range("wdmoe-j.gamma", self.gamma, 0.0, np.inf, lo_open=True)
 
-    def select(self, route: RouterOutput, channel: Any = None, latency: Any = None) -> Selection:
-        t_s = candidate_latency_s(route, require_latency(self.name, latency))
+    def select(self, route: RouterOutput, view: ExpertLatency | None = None) -> Selection:
+        t_s = candidate_latency_s(route, require_latency(self.name, view))
         return mask_selection(
             route, iterative_keep(route.importance, t_s, self.alpha, self.delta_theta, self.gamma)
         )

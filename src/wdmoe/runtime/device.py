@@ -32,14 +32,12 @@ from wdmoe.runtime import api
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
 from wdmoe.runtime.server import start_server
 from wdmoe.runtime.wire import ExpertRequest, ExpertResponse, WireError, decode_all, encode, encode_bundle
+from wdmoe.types import ExpertKey
 
 log = logging.getLogger("wdmoe.device")
 
 SERVICE = "wdmoe.Device"
 RUN_EXPERT = f"/{SERVICE}/RunExpert"
-
-ExpertKey = tuple[int, int]  # (layer, expert)
-
 
 class Refused(WdmoeError):
     """A request the device answers with a gRPC status instead of outputs."""

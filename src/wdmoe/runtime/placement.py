@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wdmoe.errors import WdmoeError
-
-ExpertKey = tuple[int, int]  # (layer, expert)
+from wdmoe.types import ExpertKey
 
 
 class PlacementError(WdmoeError, ValueError):
@@ -58,7 +57,7 @@ class DeviceEntry:
 
 
 @dataclass
-class Registry:
+class DeviceRegistry:
     """The devices of the cell, by slot. Thread-safe; ``clock`` is injectable for tests."""
 
     num_slots: int

@@ -128,38 +128,14 @@ class BSService:
             await context.abort(err.code, err.message)
 
     async def run_generation(self, req: api.GenerateRequest) -> AsyncIterator[bytes]:
-        """One generation in its own thread; its text and outcome come back through a queue. The
-        turn is released when the thread ends (not before, even if the client went away)."""
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        gone = threading.Event()
-
-        def put(item: tuple[str, Any]) -> None:
-            post(loop, out.put_nowait, item)
-
-        def on_text(piece: str) -> None:
-            if gone.is_set():
-                raise Cancelled("the client went away")
-            if piece:
-                put(("text", piece))
-
-        def work() -> None:
-            try:
-                put(("done", self.bs.generate(req, on_text)))
-            except Cancelled:
-                put(("cancelled", None))
-            except WdmoeError as err:
-                put(("error", (grpc.StatusCode.INVALID_ARGUMENT, str(err))))
-            except Exception as err:  # a bug must reach the user as an error, not kill the server
-                log.exception("generation failed")
-                put(("error", (grpc.StatusCode.INTERNAL, f"generation failed: {err!r}")))
-            finally:
-                post(loop, self.gate.release)
-
-        threading.Thread(target=work, name="generate", daemon=True).start()
+        """One generation in its own thread (:class:`Generation`); its text and outcome come back
+        through a queue. The turn is released when the thread ends (not before, even if the
+        client went away)."""
+        job = Generation(self.bs, req, asyncio.get_running_loop(), self.gate.release)
+        threading.Thread(target=job.work, name="generate", daemon=True).start()
         try:
             while True:
-                kind, value = await out.get()
+                kind, value = await job.out.get()
                 if kind == "text":
                     yield json.dumps({"text": value}).encode()
                 elif kind == "done":
@@ -170,7 +146,7 @@ class BSService:
                 else:
                     raise GenerationFailed(*value)
         finally:
-            gone.set()
+            job.gone.set()
 
     def handlers(self) -> Any:
         methods = {
@@ -185,6 +161,45 @@ def post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
     """Call ``fn(*args)`` on ``loop`` from another thread; nothing once the server has stopped."""
     with contextlib.suppress(RuntimeError):  # the loop is closed: no one is left to tell
         loop.call_soon_threadsafe(fn, *args)
+
+
+class Generation:
+    """One request's generation, run in a thread of its own; what it produces goes to ``out`` on
+    the server's loop: ("text", piece), ("done", metrics), ("cancelled", None) or ("error",
+    (code, message)). ``gone``: the client went away (the next piece of text cancels the work)."""
+
+    def __init__(
+        self, bs: BaseStation, req: api.GenerateRequest, loop: asyncio.AbstractEventLoop, release: Any
+    ) -> None:
+        self.bs, self.req, self.loop, self.release = bs, req, loop, release
+        self.out: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.gone = threading.Event()
+
+    def put(self, kind: str, value: Any) -> None:
+        post(self.loop, self.out.put_nowait, (kind, value))
+
+    def on_text(self, piece: str) -> None:
+        if self.gone.is_set():
+            raise Cancelled("the client went away")
+        if piece:
+            self.put("text", piece)
+
+    def work(self) -> None:
+        """Generate; then release the turn and hand over the outcome, in that order on the loop
+        (a client that has its answer finds the turn already free)."""
+        outcome: tuple[str, Any]
+        try:
+            outcome = ("done", self.bs.generate(self.req, self.on_text))
+        except Cancelled:
+            outcome = ("cancelled", None)
+        except WdmoeError as err:
+            outcome = ("error", (grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+        except Exception as err:  # a bug must reach the user as an error, not kill the server
+            log.exception("generation failed")
+            outcome = ("error", (grpc.StatusCode.INTERNAL, f"generation failed: {err!r}"))
+        finally:
+            post(self.loop, self.release)
+        self.put(*outcome)
 
 
 class GenerationFailed(Exception):

@@ -3,35 +3,25 @@ wdmoe.channel, wdmoe.latency and wdmoe.allocation)."""
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from wdmoe.allocation import ALLOCATORS, make_allocator
 from wdmoe.channel import ChannelState, generate_trace
 from wdmoe.channel.units import linear_to_db
+from wdmoe.cli.common import fail, table_console
 from wdmoe.config import ScenarioConfig, load_scenario
-from wdmoe.devices import devices_for, effective_flops_per_s
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.latency import ExpertCost, device_time_s, layer_demand, waiting_s
+from wdmoe.latency.devices import devices_for, effective_flops_per_s
 
 cell_app = typer.Typer(
     help="Inspect a scenario's cell: channels, rates and bandwidth splits.", no_args_is_help=True
 )
-err = Console(stderr=True, soft_wrap=True)
-
-
-def table_console(stderr: bool = False) -> Console:
-    """The terminal's width on a terminal; wide enough for whole tables when piped to a file."""
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=160)
-
-
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Channel seed (default: the scenario's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: section.field=value.")]
@@ -153,7 +143,7 @@ def show(
         if plot is not None:
             plot_cell(cfg, state, plot)
     except WdmoeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     if json_out:
         out = {"scenario": cfg.name, "seed": seed, "share_hz": state.bandwidth_hz / state.num_devices}
         typer.echo(json.dumps(_jsonable({**out, "devices": rows, "config": cfg.to_dict()})))
@@ -222,7 +212,7 @@ def allocate(
         load = parse_tokens(tokens, state.num_devices)
         result = allocations(cfg, state, load)
     except WdmoeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     if json_out:
         out = {
             "scenario": cfg.name,
@@ -234,8 +224,3 @@ def allocate(
         typer.echo(json.dumps(_jsonable(out)))
     else:
         table_console().print(_allocate_table(cfg, seed, load, result))
-
-
-def _fail(error: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {error}")
-    return typer.Exit(code=2)

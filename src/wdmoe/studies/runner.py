@@ -1,6 +1,10 @@
-"""One evaluation point (model, policy, θ, top-k, scenario, allocator, seed) run on tasks inside the
-simulation, its records appended to a resumable JSON Lines file. Shared by `wdmoe eval`, `wdmoe
-sweep` and `wdmoe reproduce`.
+"""One evaluation point run on tasks inside the simulation, its records appended to a resumable
+JSON Lines file. Shared by `wdmoe eval`, `wdmoe sweep`, `wdmoe reproduce` and the lm-eval model.
+
+A point is made of the settings each stage already takes, spelled once: the policy
+(:class:`PolicySpec`), the simulation (:class:`~wdmoe.simulate.SimSettings`: allocator, channel
+seed, CSI) and the scoring (:class:`~wdmoe.eval.harness.EvalSettings`), plus the model, the
+scenario with its overrides, and which items (limit, data folder).
 
 Latency per request: multiple-choice, WinoGrande, LAMBADA and perplexity scorers batch many
 sequences into one forward; every row (one context + continuation, without padding) is accounted
@@ -9,7 +13,7 @@ latency. Generation tasks run one request at a time: a prefill, then one decode 
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from wdmoe.eval.results import (
 from wdmoe.eval.tasks import Item, Task, default_data_dir, get_task
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import load_checkpoint
-from wdmoe.policies import make_policy
+from wdmoe.policies import Policy, make_policy
 from wdmoe.simulate import SimSettings, Simulation
 
 DEFAULT_MODEL_PRESET = "model=smollm2-moe8"
@@ -39,24 +43,38 @@ def scenario_overrides(model: str, overrides: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class EvalPoint:
-    """Everything that decides a result, apart from the task. ``params``: the policy's keyword
-    parameters (e.g. {"theta": 0.1}); ``overrides``: dotted scenario overrides ("cell.bandwidth_hz=1e7")."""
+class PolicySpec:
+    """The policy of a point: its registered ``name``, its keyword ``params`` (e.g. {"theta": 0.1})
+    and ``top_k``, the router's candidates per token (None: the model's own)."""
 
-    model: str = "default"
-    policy: str = "topk"
+    name: str = "topk"
     params: Mapping[str, Any] = field(default_factory=dict)
     top_k: int | None = None
+
+    def build(self) -> Policy:
+        """The policy; an unknown name, parameter or value raises a ConfigError naming it."""
+        return make_policy(self.name, **self.params)
+
+
+def channel_seed_zero() -> SimSettings:
+    """A point's simulation unless told otherwise: the channel trace of seed 0."""
+    return SimSettings(seed=0)
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """Everything that decides a result, apart from the task. ``overrides``: dotted scenario
+    overrides ("cell.bandwidth_hz=1e7"); ``sim.split_rows`` is set per task by the runner;
+    ``limit``: items per task (None: all); ``data_dir``: the benchmark files (None: the default)."""
+
+    model: str = "default"
+    policy: PolicySpec = field(default_factory=PolicySpec)
     scenario: str = "paper"
     overrides: tuple[str, ...] = ()
-    allocator: str = "equal"
-    seed: int = 0
+    sim: SimSettings = field(default_factory=channel_seed_zero)
+    scoring: EvalSettings = field(default_factory=EvalSettings)
     limit: int | None = None
     data_dir: Path | None = None
-    batch_size: int = 16
-    max_new_tokens: int = 256
-    csi_delay_blocks: int = 0
-    csi_error_std_db: float = 0.0
 
     def scenario_overrides(self) -> list[str]:
         return scenario_overrides(self.model, self.overrides)
@@ -67,60 +85,37 @@ class EvalPoint:
     def folder(self) -> Path:
         return (self.data_dir or default_data_dir()).resolve()
 
-    def sim_settings(self, split_rows: bool) -> SimSettings:
-        return SimSettings(
-            allocator=self.allocator,
-            seed=self.seed,
-            csi_delay_blocks=self.csi_delay_blocks,
-            csi_error_std_db=self.csi_error_std_db,
-            split_rows=split_rows,
-        )
-
-    def resolved(self, cfg: ScenarioConfig, top_k: int) -> dict[str, Any]:
-        """The record's ``config``: what reproduces the result (the scenario fully resolved)."""
+    def run_config(self, cfg: ScenarioConfig, top_k: int) -> dict[str, Any]:
+        """What reproduces a simulated run of the model (the scenario fully resolved): the part of
+        a record's ``config`` that the lm-eval model records too."""
         return {
             "model": self.model if self.model == "default" else str(Path(self.model).resolve()),
-            "policy": {"name": self.policy, "params": dict(self.params)},
+            "policy": {"name": self.policy.name, "params": dict(self.policy.params)},
             "top_k": top_k,
             "scenario": {
                 "name": self.scenario,
                 "overrides": self.scenario_overrides(),
                 "resolved": cfg.to_dict(),
             },
-            "allocator": self.allocator,
-            "csi": {"delay_blocks": self.csi_delay_blocks, "error_std_db": self.csi_error_std_db},
-            "seeds": {"channel": self.seed},
-            "limit": self.limit,
-            "num_fewshot": 0,
-            "batch_size": self.batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "data_dir": str(self.folder()),
+            "allocator": self.sim.allocator,
+            "csi": {"delay_blocks": self.sim.csi_delay_blocks, "error_std_db": self.sim.csi_error_std_db},
+            "seeds": {"channel": self.sim.seed},
         }
 
-
-def parse_value(text: str) -> bool | int | float | str:
-    """"true"/"false" → bool, then int, then float; anything else stays a string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["theta=0.1", "k_scaled=true"]`` → {"theta": 0.1, "k_scaled": True}; a pair without "=" is
-    an error naming it."""
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"policy parameter {pair!r} is not NAME=VALUE (e.g. k_scaled=true, tau_s=0.05)")
-        params[key.strip()] = parse_value(value)
-    return params
+    def resolved(self, cfg: ScenarioConfig, top_k: int) -> dict[str, Any]:
+        """The record's ``config``: the run's, then which items and how they are scored (the
+        perplexity window only when one is set, so that older records keep their keys)."""
+        scoring = self.scoring
+        window = {"max_length": scoring.max_length, "stride": scoring.stride}
+        return {
+            **self.run_config(cfg, top_k),
+            "limit": self.limit,
+            "num_fewshot": 0,
+            "batch_size": scoring.batch_size,
+            "max_new_tokens": scoring.max_new_tokens,
+            "data_dir": str(self.folder()),
+            **{k: v for k, v in window.items() if v is not None},
+        }
 
 
 def new_request_hook(sim: Simulation) -> Callable[..., None]:
@@ -139,10 +134,8 @@ def evaluate_simulated(
 ) -> tuple[TaskResult, dict[str, Any]]:
     """Score ``items`` with every forward accounted on the scenario's channel trace (from t = 0)."""
     generate = task.kind == "generate_exact"
-    sim = Simulation(wm, cfg, point.sim_settings(split_rows=not generate))
-    settings = EvalSettings(
-        batch_size=1 if generate else point.batch_size, max_new_tokens=point.max_new_tokens
-    )
+    sim = Simulation(wm, cfg, replace(point.sim, split_rows=not generate))
+    settings = replace(point.scoring, batch_size=1) if generate else point.scoring
     with sim.attached():
         handle = wm.model.register_forward_pre_hook(new_request_hook(sim), with_kwargs=True, prepend=True)
         try:
@@ -161,12 +154,7 @@ class Evaluator:
 
     def model(self, point: EvalPoint) -> tuple[WirelessModel, Any]:
         """The point's model with its policy and top-k installed."""
-        try:
-            policy = make_policy(point.policy, **point.params)
-        except TypeError as e:
-            raise ConfigError(
-                f"policy {point.policy!r} does not take the parameters {dict(point.params)}: {e}"
-            ) from e
+        policy = point.policy.build()
         if self.loaded is None or self.loaded[0] != point.model:
             self.loaded = None  # free the previous model first
             net, tok = load_checkpoint(point.model, progress=self.progress)
@@ -174,7 +162,7 @@ class Evaluator:
             self.loaded = (point.model, wm, tok, wm.top_k)
         _, wm, tok, native_k = self.loaded
         wm.set_policy(policy)
-        wm.set_top_k(point.top_k or native_k)
+        wm.set_top_k(point.policy.top_k or native_k)
         return wm, tok
 
     def run(
@@ -193,8 +181,6 @@ class Evaluator:
         cfg = point.load_scenario()
         folder = point.folder()
         items = {name: get_task(name).load(folder, point.limit) for name in names}
-        EvalSettings(batch_size=point.batch_size, max_new_tokens=point.max_new_tokens)  # validates
-        point.sim_settings(split_rows=True)  # validates the CSI settings
         done = completed_keys(out)
         records: dict[str, dict[str, Any]] = {}
         wm: WirelessModel | None = None

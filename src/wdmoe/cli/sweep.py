@@ -1,45 +1,30 @@
 """``wdmoe sweep GRID``: every point of a grid file evaluated in parallel into one resumable results
-file (thin; grids, planning and the workers live in wdmoe.sweep)."""
+file (thin; grids, planning and the workers live in wdmoe.studies.sweep)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from wdmoe.cli_cell import table_console
+from wdmoe.cli.common import err, fail, progress_bar, quiet_transformers, table_console
 from wdmoe.errors import WdmoeError
 
 if TYPE_CHECKING:
-    from wdmoe.eval.runner import EvalPoint
-    from wdmoe.sweep import Grid, Job, PointResult
-
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(error: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {error}")
-    return typer.Exit(code=2)
+    from wdmoe.studies.runner import EvalPoint
+    from wdmoe.studies.sweep import Grid, Job, PointResult
 
 
 def _label(point: "EvalPoint", grid: "Grid") -> str:
-    from wdmoe.sweep import describe
+    from wdmoe.studies.sweep import describe
 
     return " · ".join(f"{k} {v}" for k, v in describe(point, grid.overrides).items())
 
 
 def print_points(points: list["EvalPoint"], jobs: list["Job"], grid: "Grid", out: Path) -> None:
     """The expanded points as a table (with the tasks each still needs) and the count."""
-    from wdmoe.sweep import describe
+    from wdmoe.studies.sweep import describe
 
     rows = [describe(p, grid.overrides) for p in points]
     todo = {job.index: len(job.tasks) for job in jobs}
@@ -61,15 +46,7 @@ def print_points(points: list["EvalPoint"], jobs: list["Job"], grid: "Grid", out
 
 
 def _bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-    )
+    return progress_bar(TextColumn("ETA"), TimeRemainingColumn())
 
 
 def sweep_cmd(
@@ -90,18 +67,17 @@ def sweep_cmd(
 ) -> None:
     """Evaluate every point of a grid (policies × θ × top-k × scenarios × bandwidths × allocators ×
     seeds) on its tasks in parallel; one record per (point, task), skipped when already in --out."""
-    from wdmoe import sweep
-    from wdmoe.cli import quiet_transformers
+    from wdmoe.studies import sweep
 
     quiet_transformers()
     if workers is not None and workers < 1:
-        raise _fail(ValueError(f"--workers must be ≥ 1, got {workers}"))
+        raise fail(ValueError(f"--workers must be ≥ 1, got {workers}"))
     try:
         spec = sweep.load_grid(grid)
         points = sweep.expand(spec)
         jobs = sweep.plan(points, spec.tasks, out)
     except WdmoeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     if dry_run:
         print_points(points, jobs, spec, out)
         return
@@ -122,7 +98,7 @@ def sweep_cmd(
         try:
             sweep.run_sweep(jobs, out, workers=workers, ray_address=ray_address, on_result=report)
         except WdmoeError as e:
-            raise _fail(e) from e
+            raise fail(e) from e
     err.print(
         f"{len(jobs) - len(failed)} points run, {skipped} skipped, {len(failed)} failed · results: {out}"
     )

@@ -1,32 +1,20 @@
-"""``wdmoe report`` and ``wdmoe reproduce`` (thin; the work is in wdmoe.report and wdmoe.reproduce)."""
+"""``wdmoe report`` and ``wdmoe reproduce`` (thin; the work is in wdmoe.studies.report and
+wdmoe.studies.reproduce)."""
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
+from wdmoe.cli.common import err, fail, progress_bar, quiet_transformers, table_console
 from wdmoe.errors import WdmoeError
-
-err = Console(stderr=True, soft_wrap=True)
-
-
-def summary_console() -> Console:
-    """stderr at the terminal's width, or wide enough for the whole table when it is redirected."""
-    return Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
-
-
-def _fail(error: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {error}")
-    return typer.Exit(code=2)
 
 
 def print_highlights(rows: tuple) -> None:
     """Per task: vanilla latency and the fastest other config with its accuracy change."""
-    from wdmoe.report import highlights
+    from wdmoe.studies.report import highlights
 
     table = Table(title="per task: the largest speed-up against vanilla topk")
     for col in ("task", "configs", "topk mean s", "fastest", "speed-up", "Δ metric"):
@@ -40,7 +28,7 @@ def print_highlights(rows: tuple) -> None:
             "–" if h.speedup is None else f"{h.speedup:.2f}×",
             "–" if h.delta is None else f"{h.delta:+.1f}",
         )
-    summary_console().print(table)
+    table_console(stderr=True).print(table)
 
 
 def report_cmd(
@@ -49,12 +37,12 @@ def report_cmd(
     title: Annotated[str, typer.Option(help="The report's title.")] = "wdmoe report",
 ) -> None:
     """Tables per task (accuracy, latency, ×speed-up and Δaccuracy against vanilla topk) and plots."""
-    from wdmoe.report import load_records, write_report
+    from wdmoe.studies.report import load_records, write_report
 
     try:
         report = write_report(load_records(results), out, title)
     except WdmoeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     print_highlights(report.rows)
     err.print(f"wrote [bold]{report.markdown}[/] ({len(report.rows)} rows) and {len(report.plots)} plots")
 
@@ -63,7 +51,7 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError as e:
-        raise _fail(ValueError(f"{option} = {text!r} is not a comma-separated list of numbers")) from e
+        raise fail(ValueError(f"{option} = {text!r} is not a comma-separated list of numbers")) from e
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -76,7 +64,7 @@ def _limit(text: str, option: str) -> int | None:
     try:
         return int(text)
     except ValueError as e:
-        raise _fail(ValueError(f"{option} = {text!r} is not an integer or 'all'")) from e
+        raise fail(ValueError(f"{option} = {text!r} is not an integer or 'all'")) from e
 
 
 class StepProgress:
@@ -127,10 +115,9 @@ def reproduce_cmd(
     plus the Mixtral-8x7B latency study; resumable (results.jsonl), written to OUT_DIR/README.md."""
     import torch
 
-    from wdmoe.cli import quiet_transformers
-    from wdmoe.eval.runner import Evaluator
-    from wdmoe.report import make_rows
-    from wdmoe.reproduce import ReproduceSettings, reproduce
+    from wdmoe.studies.report import make_rows
+    from wdmoe.studies.reproduce import ReproduceSettings, reproduce
+    from wdmoe.studies.runner import Evaluator
 
     quiet_transformers()
     before = torch.get_num_threads()
@@ -155,11 +142,10 @@ def reproduce_cmd(
             study_prompts=study_prompts,
             study_thetas=_floats(study_thetas, "--study-thetas"),
         )
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=err) as bar:
+        with progress_bar() as bar:
             outcome = reproduce(settings, StepProgress(bar), Evaluator())
     except WdmoeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     finally:
         torch.set_num_threads(before)
     print_highlights(tuple(make_rows(outcome.records)))

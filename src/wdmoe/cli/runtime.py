@@ -1,20 +1,25 @@
 """The runtime's commands: ``wdmoe serve-bs``, ``wdmoe device``, ``wdmoe cluster`` (thin; the
 runtime lives in wdmoe.runtime)."""
 
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from wdmoe.cli_cell import table_console
+from wdmoe.cli.common import (
+    answer_was_served,
+    err,
+    fail,
+    parse_params,
+    quiet_transformers,
+    resolve_token,
+    stream_to_stdout,
+    table_console,
+)
 from wdmoe.errors import ConfigError, WdmoeError
-
-err = Console(stderr=True, soft_wrap=True)
 
 TokenOpt = Annotated[
     str | None, typer.Option(help="Shared token devices and users must send (default: $WDMOE_TOKEN).")
@@ -22,23 +27,6 @@ TokenOpt = Annotated[
 TlsCert = Annotated[str | None, typer.Option(help="PEM certificate (enables TLS).")]
 TlsKey = Annotated[str | None, typer.Option(help="PEM private key of the certificate.")]
 TlsCa = Annotated[str | None, typer.Option(help="PEM CA: require and verify the peers' certificates (mTLS).")]
-
-
-def _fail(error: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {error}")
-    return typer.Exit(code=2)
-
-
-def _stream(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
-def resolve_token(token: str | None) -> str:
-    value = token or os.environ.get("WDMOE_TOKEN", "")
-    if not value:
-        raise ConfigError("no token: give --token or set $WDMOE_TOKEN (devices and users must send the same)")
-    return value
 
 
 def check_port(port: int) -> None:
@@ -49,7 +37,6 @@ def check_port(port: int) -> None:
 def settings_from(policy: str, param: list[str], **fields: Any) -> Any:
     """RuntimeSettings from CLI values: the policy and its NAME=VALUE parameters are checked
     before anything loads; ``fields`` are RuntimeSettings fields (the rest keep their defaults)."""
-    from wdmoe.eval.runner import parse_params
     from wdmoe.policies import make_policy
     from wdmoe.runtime.bs import RuntimeSettings
 
@@ -104,7 +91,6 @@ def serve_bs_cmd(
     tls_ca: TlsCa = None,
 ) -> None:
     """Run the BS: the model's BS part, the cell, and a generate API for users; devices register here."""
-    from wdmoe.cli import quiet_transformers
     from wdmoe.runtime.bs import build_bs
     from wdmoe.runtime.security import TLSFiles
     from wdmoe.runtime.service import serve_bs
@@ -137,7 +123,7 @@ def serve_bs_cmd(
         )
         server = serve_bs(bs, secret, host, port)
     except (WdmoeError, OSError) as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     stop_on_signals()
     err.print(
         f"BS listening on {server.address} · {model} · {len(bs.wm.blocks)} MoE layers × {bs.wm.num_experts} "
@@ -190,7 +176,7 @@ def stats_cmd(
         with BSClient(bs, resolve_token(token), TLSFiles.from_options(tls_cert, tls_key, tls_ca)) as client:
             summary = client.stats()
     except WdmoeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
@@ -243,13 +229,12 @@ def cluster_cmd(
     metrics_log: Annotated[Path | None, typer.Option(help="The BS's JSON-lines metrics log.")] = None,
 ) -> None:
     """Start a BS and N device workers on this machine, answer the prompt through them, summarise, stop."""
-    from wdmoe.cli import quiet_transformers
     from wdmoe.runtime import api
     from wdmoe.runtime.cluster import Cluster
 
     quiet_transformers()
     if max_new_tokens < 1:
-        raise _fail(ValueError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}"))
+        raise fail(ValueError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}"))
     try:
         settings = settings_from(
             policy,
@@ -272,12 +257,12 @@ def cluster_cmd(
             ready = ", ".join(d.address for d in cluster.devices)
             err.print(f"[dim]BS {cluster.bs_address} · {devices} device workers registered: {ready}[/]")
             metrics = cluster.client.generate(
-                api.GenerateRequest(prompt, max_new_tokens=max_new_tokens), _stream
+                api.GenerateRequest(prompt, max_new_tokens=max_new_tokens), stream_to_stdout
             )
             sys.stdout.write("\n")
             summary = cluster.stats()
     except WdmoeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     err.print(
         f"[dim]{metrics['new_tokens']} tokens · TTFT {1e3 * (metrics['ttft_s'] or 0):.0f} ms · "
         f"{metrics['expert_calls']} expert calls, {metrics['dropped']} dropped · "
@@ -286,24 +271,3 @@ def cluster_cmd(
     print_summary(summary)
     if not answer_was_served(metrics):
         raise typer.Exit(code=1)
-
-
-WARN_DROP_RATE = 0.1  # a request that lost more of its experts than this is flagged
-
-
-def answer_was_served(metrics: dict[str, Any]) -> bool:
-    """Warn loudly when a request lost many of its experts; False when it lost every one (its
-    text then came from the BS's layers alone and means nothing)."""
-    calls, dropped = metrics.get("expert_calls", 0), metrics.get("dropped", 0)
-    if calls and dropped >= calls:
-        err.print(
-            f"[bold red]error:[/] every one of the {calls} expert calls of this request failed: the "
-            "answer above is not the model's. Check the devices (their logs, `wdmoe stats`)."
-        )
-        return False
-    if calls and dropped / calls >= WARN_DROP_RATE:
-        err.print(
-            f"[bold yellow]warning:[/] {dropped} of {calls} expert calls ({100 * dropped / calls:.0f} %) "
-            "were dropped: the answer is degraded. Devices late, down or benched? See the summary."
-        )
-    return True

@@ -6,7 +6,7 @@ its router logits [T, E] are recorded per layer; (2) each prompt becomes one pre
 Mixtral-sized model (``paper`` scenario: D = 4096, F = 14336, 32 layers, 8 experts, top-2): layer l
 reads the recorded layer l mod L_src, the router's top-2 come from those logits as Mixtral's do
 (softmax, top-2, renormalised), the policy under study selects on the BS's channel estimate, and
-:func:`wdmoe.simulate.account_step` prices the loads on the true channel with the allocator's
+:func:`wdmoe.latency.pricing.price_forward` prices the loads on the true channel with the allocator's
 split. Request i arrives at i·Δ (Δ = 1 s by default, far beyond the fading's coherence time) on
 the seed's channel trace, whatever the policy: each request meets the same channel under every
 policy and allocator (paired), and its whole prefill sees one fading block, as a forward does in
@@ -22,9 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wdmoe.allocation import make_allocator
-from wdmoe.channel import generate_trace
-from wdmoe.channel.trace import ChannelTrace
+from wdmoe.allocation import Allocator, make_allocator
 from wdmoe.config import ScenarioConfig
 from wdmoe.errors import ConfigError
 from wdmoe.eval.tasks import (
@@ -36,10 +34,11 @@ from wdmoe.eval.tasks import (
     PartialItem,
     get_task,
 )
+from wdmoe.latency.cell import Cell, CellSnapshot
+from wdmoe.latency.pricing import price_forward
 from wdmoe.models.install import WirelessModel
-from wdmoe.policies import Policy, bs_estimate, make_policy
-from wdmoe.policies.costs import ExpertLatency
-from wdmoe.simulate import account_step, expert_loads
+from wdmoe.policies import Policy, make_policy
+from wdmoe.simulate import expert_loads
 from wdmoe.types import LayerTrace, RouterOutput
 
 RouterSample = list[torch.Tensor]  # one prompt: router logits [T, E] per MoE layer of the source model
@@ -76,7 +75,7 @@ def collect_logits(
 ) -> list[RouterSample]:
     """Run each prompt alone (vanilla topk) and keep its router logits per layer."""
     wm.set_policy(make_policy("topk"))
-    wm.set_context(None, None)
+    wm.set_view(None)
     wm.recorder.clear()
     wm.recorder.enabled = True
     samples = []
@@ -129,19 +128,11 @@ class RequestCost:
 
 
 def price_request(
-    sample: RouterSample,
-    scenario: ScenarioConfig,
-    policy: Policy,
-    allocator_name: str,
-    trace: ChannelTrace,
-    block: int,
-    rng: np.random.Generator,
+    sample: RouterSample, scenario: ScenarioConfig, policy: Policy, allocator: Allocator, snap: CellSnapshot
 ) -> RequestCost:
-    """One prompt's prefill on block ``block`` of ``trace``: select per layer on the BS's estimate
-    (equal split, as the simulator's policies see it), then :func:`account_step` on the truth."""
+    """One prompt's prefill on the cell snapshot ``snap``: select per layer on the BS's view (equal
+    split, as the simulator's policies see it), then :func:`price_forward` on the truth."""
     m = scenario.model
-    estimate = bs_estimate(trace, block, rng)
-    view = ExpertLatency.from_scenario(scenario, estimate)
     traces = []
     for layer, logits in enumerate(layer_logits(sample, m.num_layers)):
         if logits.shape[-1] != m.num_experts:
@@ -150,12 +141,12 @@ def price_request(
                 "record them from a model with as many experts"
             )
         route = mixtral_route(logits, m.top_k)
-        sel = policy.select(route, estimate, view)
+        sel = policy.select(route, snap.view)
         traces.append(LayerTrace(layer, logits, route.candidates, sel.keep, sel.weights))
     kept, dropped, mass = expert_loads(traces, m.num_experts)
     tokens = int(sample[0].shape[0])
-    cost = account_step(kept, trace.state(block), view, make_allocator(allocator_name), scenario, tokens, 0)
-    total = float(cost["waiting_s"].sum() + cost["bs_s"].sum() + cost["head_s"])
+    loads = snap.view.device_tokens(kept)
+    total = float(price_forward(snap.view, snap.true, allocator, scenario, loads, tokens, 0).latency.total_s)
     return RequestCost(total, mass, float(kept.sum()), float(dropped.sum()), tokens)
 
 
@@ -182,12 +173,12 @@ def price_requests(
     """Request i (sample i) arrives at i·Δ on the seed's trace: every policy and allocator meets
     the same channel per request (paired)."""
     blocks = arrival_blocks(len(samples), interval_s, scenario.channel.coherence_s)
-    trace = generate_trace(scenario, max(blocks, default=0) + 1, seed)
-    rng = np.random.default_rng(seed + 1)
+    cell = Cell(scenario, max(blocks, default=0) + 1, seed)
+    split = make_allocator(allocator)
     with one_thread():
         return [
-            price_request(sample, scenario, policy, allocator, trace, block, rng)
-            for sample, block in zip(samples, blocks, strict=True)
+            price_request(sample, scenario, policy, split, cell.snapshot(i * interval_s))
+            for i, sample in enumerate(samples)
         ]
 
 

@@ -3,10 +3,10 @@
 For each task (ARC-Easy, PIQA, WinoGrande, BoolQ, ARC-Challenge, GSM8K by default), each
 allocator (equal, minmax) and each policy — vanilla ``topk`` and WDMoE-θ for every θ (k-scaled by
 default: θ·2/k, so θ means for the default model's k = 7 what it means for Mixtral's k = 2) —
-one :class:`~wdmoe.eval.runner.EvalPoint` runs on the ``paper`` scenario; records are appended
+one :class:`~wdmoe.studies.runner.EvalPoint` runs on the ``paper`` scenario; records are appended
 to ``OUT/results.jsonl`` (resumable: a rerun skips what is done). Then ``OUT/README.md`` gets the
-report's tables (:mod:`wdmoe.report`), the Mixtral-8x7B latency study
-(:mod:`wdmoe.latency_study`, on router scores of the same model), the command that regenerates
+report's tables (:mod:`wdmoe.studies.report`), the Mixtral-8x7B latency study
+(:mod:`wdmoe.studies.latency_study`, on router scores of the same model), the command that regenerates
 it, the date, the wall time and the measured cost per item; the plots go beside it.
 """
 
@@ -22,20 +22,22 @@ from typing import Any
 from wdmoe import __version__
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError
+from wdmoe.eval.harness import EvalSettings
 from wdmoe.eval.results import append_record, read_records
-from wdmoe.eval.runner import EvalPoint, Evaluator
 from wdmoe.eval.tasks import get_task
-from wdmoe.latency_study import (
+from wdmoe.simulate import SimSettings
+from wdmoe.studies.latency_study import (
     DEFAULT_THETAS as STUDY_THETAS,
 )
-from wdmoe.latency_study import (
+from wdmoe.studies.latency_study import (
     StudyRow,
     collect_logits,
     render_study,
     run_study,
     study_prompts,
 )
-from wdmoe.report import NOTES, make_rows, policy_label, render_tables, write_plots
+from wdmoe.studies.report import NOTES, make_rows, policy_label, render_tables, write_plots
+from wdmoe.studies.runner import EvalPoint, Evaluator, PolicySpec
 
 PAPER_TASKS = ("arc_easy", "piqa", "winogrande", "boolq", "arc_challenge", "gsm8k")
 PAPER_THETAS = (0.05, 0.1, 0.2, 0.3)
@@ -104,16 +106,13 @@ def point_for(settings: ReproduceSettings, task: str, policy: str, params: dict,
     extra = {"max_new_tokens": settings.max_new_tokens} if generation else {}
     return EvalPoint(
         model=settings.model,
-        policy=policy,
-        params=params,
+        policy=PolicySpec(policy, params),
         scenario=settings.scenario,
         overrides=settings.overrides,
-        allocator=allocator,
-        seed=settings.seed,
+        sim=SimSettings(allocator=allocator, seed=settings.seed),
+        scoring=EvalSettings(batch_size=settings.batch_size, **extra),
         limit=settings.gsm8k_limit if generation else settings.limit,
         data_dir=settings.data_dir,
-        batch_size=settings.batch_size,
-        **extra,
     )
 
 
@@ -169,7 +168,7 @@ def run_evaluations(
     steps = plan(settings)
     evaluator.model(steps[0][1])  # load once, before the clock runs
     for i, (task, point) in enumerate(steps):
-        label = f"{task} · {policy_label(point.policy, point.params)} · {point.allocator}"
+        label = f"{task} · {policy_label(point.policy.name, point.policy.params)} · {point.sim.allocator}"
         if progress is not None:
             progress(label, i, len(steps))
         skipped: list[bool] = []
@@ -195,7 +194,7 @@ def run_latency_study(settings: ReproduceSettings, evaluator: Evaluator, outcome
     """Router scores of the settings' model on the tasks' prompts, priced at the scenario's own
     (Mixtral) dimensions; returns the Markdown section."""
     t0 = time.perf_counter()
-    wm, tok = evaluator.model(EvalPoint(model=settings.model, policy="topk"))
+    wm, tok = evaluator.model(EvalPoint(model=settings.model))
     prompts = study_prompts(settings.tasks, settings.study_prompts, settings.data_dir)
     samples = collect_logits(wm, tok, prompts)
     scenario = load_scenario(settings.scenario, study_overrides(settings.overrides))

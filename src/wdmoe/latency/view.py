@@ -2,7 +2,7 @@
 
 A policy decides on the channel *as the BS estimates it* (possibly stale or noisy CSI), while
 the simulator accounts latency on the true channel; both go through the same arithmetic of
-:mod:`wdmoe.latency` (nothing is re-derived here):
+:mod:`wdmoe.latency.model` (nothing is re-derived here):
 
     n_u   = Σ_{e: place(e) = u} n_e          tokens of device u (one message per device and layer)
     t_u   = device_time_s(layer_demand(n_u, C_u, cost), channel, B_u)                      [s]
@@ -17,16 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from wdmoe.channel.state import ChannelState, Link
-from wdmoe.channel.units import FloatArray, db_to_linear
-from wdmoe.config import check_range
-from wdmoe.devices import devices_for, effective_flops_per_s
-from wdmoe.errors import ConfigError
-from wdmoe.latency import DeviceTimes, ExpertCost, device_time_s, device_times, layer_demand, waiting_s
+from wdmoe.channel.state import ChannelState
+from wdmoe.channel.units import FloatArray
+from wdmoe.latency.devices import devices_for, effective_flops_per_s
+from wdmoe.latency.model import DeviceTimes, ExpertCost, device_time_s, device_times, layer_demand, waiting_s
 
 if TYPE_CHECKING:
     from wdmoe.allocation.base import Allocator
-    from wdmoe.channel.trace import ChannelTrace
     from wdmoe.config import ScenarioConfig
 
 IntArray = NDArray[np.int64]
@@ -140,45 +137,3 @@ class ExpertLatency:
             self.flops_per_s,
             self.cost,
         )
-
-
-def require_latency(policy: str, latency: Any) -> ExpertLatency:
-    """The latency view a channel-aware policy needs, or a ConfigError that says how to give it."""
-    if not isinstance(latency, ExpertLatency):
-        raise ConfigError(
-            f"policy {policy!r} is channel-aware and needs an ExpertLatency snapshot, got "
-            f"{type(latency).__name__}; pass it as select(route, channel, latency) or via "
-            "WirelessModel.set_context(channel, latency)"
-        )
-    return latency
-
-
-# --- the BS's channel estimate ----------------------------------------------------------------
-
-
-def _perturb(link: Link, error_db: FloatArray) -> Link:
-    scale = db_to_linear(error_db)
-    return replace(link, gain=link.gain * scale, snr_hz=link.snr_hz * scale)
-
-
-def noisy_csi(true: ChannelState, rng: np.random.Generator, error_std_db: float) -> ChannelState:
-    """The BS's estimate of ``true`` with log-normal gain errors, independent per device and
-    direction: ĥ_u = h_u·10^(ε_u/10), ε_u ~ N(0, σ²) [dB] (SNR per Hz scales with ĥ)."""
-    check_range("csi.error_std_db", error_std_db, 0.0, 60.0)
-    u = true.num_devices
-    dl_db, ul_db = rng.normal(0.0, error_std_db, u), rng.normal(0.0, error_std_db, u)
-    return replace(true, dl=_perturb(true.dl, dl_db), ul=_perturb(true.ul, ul_db))
-
-
-def bs_estimate(
-    trace: "ChannelTrace",
-    block: int,
-    rng: np.random.Generator,
-    delay_blocks: int = 0,
-    error_std_db: float = 0.0,
-) -> ChannelState:
-    """What the BS believes at ``block``: the snapshot ``delay_blocks`` fading blocks old
-    (stale CSI; clipped at block 0), with log-normal estimation error of σ dB."""
-    check_range("csi.delay_blocks", delay_blocks, 0, 1e9)
-    stale = trace.state(max(block - delay_blocks, 0))
-    return stale if error_std_db == 0.0 else noisy_csi(stale, rng, error_std_db)

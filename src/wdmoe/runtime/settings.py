@@ -1,0 +1,72 @@
+"""How the BS treats devices, links and users: one typed, validated value, and the deadline rule it
+sets for every device call (no I/O)."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wdmoe.config import check_choice, check_range
+from wdmoe.runtime.wire import DTYPES
+
+MODES = ("wait", "drop", "fallback")
+WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values() if d.is_floating_point}
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the BS treats devices and links.
+
+    mode: a late / failed expert is waited for (``wait``: up to max_wait_s), dropped (``drop``) or
+    run from the BS's local copy (``fallback``). slack, grace_s: the deadline of a device call is
+    time_scale·slack·t_u(estimate) + grace_s wall seconds (capped at max_wait_s).
+    emulate_links: wait out the channel's DL/UL delays; time_scale: wall seconds per simulated second
+    (0.001 runs an hour of cell in 3.6 s). wire_dtype: how hidden states travel (float32 is exact).
+    bench_after: failed calls in a row that bench a device for bench_s (doubling while it keeps
+    failing its probes, up to 60 s). max_active: generations served at once; max_queue: requests
+    that may wait for a turn beyond those (more are refused with RESOURCE_EXHAUSTED).
+    """
+
+    policy: str = "topk"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    allocator: str = "equal"
+    mode: str = "drop"
+    slack: float = 3.0
+    grace_s: float = 0.25
+    max_wait_s: float = 30.0
+    emulate_links: bool = False
+    time_scale: float = 1.0
+    wire_dtype: str = "float32"
+    heartbeat_s: float = 1.0
+    bench_after: int = 3
+    bench_s: float = 5.0
+    max_active: int = 16
+    max_queue: int = 256
+    seed: int | None = None
+    csi_delay_blocks: int = 0
+    csi_error_std_db: float = 0.0
+    trace_blocks: int = 20000
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("wire_dtype", self.wire_dtype, sorted(WIRE_DTYPES))
+        check_range("slack", self.slack, 1.0, 1e6)
+        check_range("grace_s", self.grace_s, 0.0, 3600.0)
+        check_range("max_wait_s", self.max_wait_s, 0.0, 86400.0, lo_open=True)
+        check_range("time_scale", self.time_scale, 0.0, 1e6, lo_open=True)
+        check_range("heartbeat_s", self.heartbeat_s, 0.01, 3600.0)
+        check_range("bench_after", self.bench_after, 1, 1e6)
+        check_range("bench_s", self.bench_s, 0.0, 3600.0, lo_open=True)
+        check_range("max_active", self.max_active, 1, 4096)
+        check_range("max_queue", self.max_queue, 0, 1e6)
+        check_range("trace_blocks", self.trace_blocks, 1, 1e8)
+
+    def call_budgets_s(self, expected_s: Any) -> np.ndarray:
+        """The wall seconds each device call [U] may take: time_scale·slack·t_u(estimate) + grace,
+        capped at max_wait_s (``wait`` mode, or an unpriceable t_u: max_wait_s)."""
+        with np.errstate(invalid="ignore"):
+            scaled = self.time_scale * self.slack * np.asarray(expected_s) + self.grace_s
+            budget = np.minimum(scaled, self.max_wait_s)
+        budget = np.where(np.isfinite(budget), budget, self.max_wait_s)
+        return np.full_like(budget, self.max_wait_s) if self.mode == "wait" else budget
