@@ -152,6 +152,8 @@ class Simulation:
     # --- the forward listener (see WirelessModel.attach) ------------------------------------
 
     def before_forward(self, call: ForwardCall) -> None:
+        if call.starts_request:
+            self.new_request()
         self.snapshot = self.cell.snapshot(self.time_s)
         self.wm.set_view(self.snapshot.view)
         self.wm.recorder.clear()

@@ -40,7 +40,7 @@ from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import DEFAULT, load_checkpoint
 from wdmoe.policies import POLICIES
 from wdmoe.simulate import SimSettings, Simulation
-from wdmoe.studies.runner import EvalPoint, PolicySpec, new_request_hook
+from wdmoe.studies.runner import EvalPoint, PolicySpec
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,8 @@ class WdmoeLM(HFLM):  # type: ignore[misc]  # HFLM is untyped
             return
         self._depth += 1
         try:
-            with self.sim.attached():
-                handle = self.wm.model.register_forward_pre_hook(
-                    new_request_hook(self.sim), with_kwargs=True, prepend=True
-                )
-                try:
-                    yield self.sim
-                finally:
-                    handle.remove()
+            with self.sim.attached():  # every forward without cached tokens starts a new request
+                yield self.sim
         finally:
             self._depth -= 1
         self.latency = latency_summary(self.sim.records)

@@ -45,6 +45,13 @@ class ForwardCall:
         return int(self.input_ids.shape[-1])
 
     @property
+    def starts_request(self) -> bool:
+        """No cached tokens: the forward processes a whole new context (a new request)."""
+        if self.cache is None:
+            return True
+        return hasattr(self.cache, "get_seq_length") and int(self.cache.get_seq_length()) == 0
+
+    @property
     def stateless(self) -> bool:
         """Neither reads nor builds a KV cache (a scoring forward: its rows are independent)."""
         return self.cache is None and not self.use_cache

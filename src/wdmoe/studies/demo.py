@@ -64,8 +64,7 @@ def run_policy(
     sim = Simulation(wm, scenario, settings)
     texts, experts = [], []
     with sim.attached():
-        for prompt in prompts:
-            sim.new_request()
+        for prompt in prompts:  # each prompt's prefill starts a new request
             result = generate(wm, tok, prompt, max_new_tokens=max_new_tokens, on_text=on_text)
             texts.append(result.text)
             on_text("\n")

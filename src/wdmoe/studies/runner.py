@@ -118,17 +118,6 @@ class EvalPoint:
         }
 
 
-def new_request_hook(sim: Simulation) -> Callable[..., None]:
-    """A forward pre-hook starting a new simulated request on every forward without a KV cache."""
-
-    def pre(module: Any, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate: `cache`
-        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
-            sim.new_request()
-
-    return pre
-
-
 def evaluate_simulated(
     wm: WirelessModel, tok: Any, task: Task, items: Sequence[Item], cfg: ScenarioConfig, point: EvalPoint
 ) -> tuple[TaskResult, dict[str, Any]]:
@@ -136,12 +125,8 @@ def evaluate_simulated(
     generate = task.kind == "generate_exact"
     sim = Simulation(wm, cfg, replace(point.sim, split_rows=not generate))
     settings = replace(point.scoring, batch_size=1) if generate else point.scoring
-    with sim.attached():
-        handle = wm.model.register_forward_pre_hook(new_request_hook(sim), with_kwargs=True, prepend=True)
-        try:
-            result = score_items(task, wm.model, tok, items, settings)
-        finally:
-            handle.remove()
+    with sim.attached():  # every forward without cached tokens starts a new request
+        result = score_items(task, wm.model, tok, items, settings)
     return result, latency_summary(sim.records)
 
 
