@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,8 @@ class BSService:
     def __init__(self, bs: BaseStation) -> None:
         self.bs = bs
         self.gate = Gate(bs.settings.max_active, bs.settings.max_queue)
+        # one thread per admitted generation, reused: the gate never admits more than this many
+        self.workers = ThreadPoolExecutor(bs.settings.max_active, thread_name_prefix="generate")
 
     async def register(self, request: bytes, context: Any) -> bytes:
         try:
@@ -128,11 +131,11 @@ class BSService:
             await context.abort(err.code, err.message)
 
     async def run_generation(self, req: api.GenerateRequest) -> AsyncIterator[bytes]:
-        """One generation in its own thread (:class:`Generation`); its text and outcome come back
-        through a queue. The turn is released when the thread ends (not before, even if the
+        """One generation in a worker thread (:class:`Generation`); its text and outcome come back
+        through a queue. The turn is released when the work ends (not before, even if the
         client went away)."""
         job = Generation(self.bs, req, asyncio.get_running_loop(), self.gate.release)
-        threading.Thread(target=job.work, name="generate", daemon=True).start()
+        self.workers.submit(job.work)
         try:
             while True:
                 kind, value = await job.out.get()
@@ -216,6 +219,7 @@ class BSServer:
 
     bs: BaseStation
     server: AsyncServer
+    service: BSService
     host: str
     port: int
 
@@ -227,7 +231,8 @@ class BSServer:
         self.server.wait_for_termination()
 
     def stop(self, grace_s: float | None = 1.0) -> None:
-        self.server.stop(grace_s)
+        self.server.stop(grace_s)  # ends the streams: their generations stop at their next token
+        self.service.workers.shutdown(wait=False, cancel_futures=True)
         self.bs.close()
 
     def __enter__(self) -> "BSServer":
@@ -239,5 +244,6 @@ class BSServer:
 
 def serve_bs(bs: BaseStation, token: str, host: str = "127.0.0.1", port: int = 0) -> BSServer:
     """Serve ``bs`` on host:port (loopback by default; 0 picks a free port)."""
-    server = AsyncServer(BSService(bs).handlers(), token, host, port, bs.tls)
-    return BSServer(bs, server, host, server.port)
+    service = BSService(bs)
+    server = AsyncServer(service.handlers(), token, host, port, bs.tls)
+    return BSServer(bs, server, service, host, server.port)
