@@ -133,7 +133,7 @@ def generate_at_bs(
     from wdmoe.runtime.security import TLSFiles
 
     def queued(position: int) -> None:
-        err.print(f"[dim]queued at the BS: {position} ahead of this request…[/]")
+        err.print(f"[dim]queued at the BS: place {position} in line…[/]")
 
     try:
         link.check()

@@ -263,9 +263,6 @@ class BaseStation:
         state = entry.state(usable) if entry is not None else "absent"
         return {"slot": u, "address": entry.address if entry else "", "usable": usable, "state": state}
 
-    def event(self, kind: str, **values: Any) -> None:
-        self.books.event(kind, **values)
-
     def close(self) -> None:
         """Write the summary, stop listening to the model, close the links (idempotent)."""
         if self.links.loop.is_closed():

@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.models.install import WirelessModel, install
-from wdmoe.models.loading import check_model_folder, load_checkpoint
+from wdmoe.models.loading import load_checkpoint  # checks a folder before any process starts
 from wdmoe.models.split import split_model
 from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient, BSError
@@ -169,8 +169,6 @@ class Cluster:
     def start(self) -> None:
         """Load and split the model, start the BS and every worker, wait until all registered."""
         cell = load_scenario(self.scenario_name, self.overrides)  # bad overrides fail first
-        if self.spec != "default":
-            check_model_folder(Path(self.spec))  # a broken folder is named before any process starts
         net, self.tok = load_checkpoint(self.spec, top_k=self.top_k)
         wm = install(net)
         if self.num_devices > wm.num_experts:

@@ -7,6 +7,7 @@ and how long each call may take.
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class Links:
         self.submit(self._close(last)).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         while self.loop.is_running():
-            threading.Event().wait(0.001)
+            time.sleep(0.001)
         self.loop.close()
 
     async def _close(self, last: Coroutine[Any, Any, None]) -> None:
