@@ -154,10 +154,16 @@ def test_gauss_markov_consecutive_block_correlation():
     assert power_corr == pytest.approx(0.81, abs=0.012)  # Rayleigh: corr(|g|²) = |ρ|²
 
 
-def test_trace_fading_follows_configured_doppler():
-    cfg = scenario("cell.num_devices=200", "mobility.speed_mps=3", "channel.coherence_s=0.005")
+@pytest.mark.parametrize("correlation", ["jakes", "ar1"])
+def test_trace_fading_follows_configured_doppler(correlation):
+    cfg = scenario(
+        "cell.num_devices=200",
+        "mobility.speed_mps=3",
+        "channel.coherence_s=0.005",
+        f"channel.correlation={correlation}",
+    )
     trace = generate_trace(cfg, 400, seed=4)
-    rho = jakes_rho(doppler_hz(3.0, 2e9), 0.005)  # J0(2π·20 Hz·5 ms) ≈ 0.904
+    rho = jakes_rho(doppler_hz(3.0, 2e9), 0.005)  # J0(2π·20 Hz·5 ms) ≈ 0.904 at lag 1 in both models
     power_corr = np.corrcoef(trace.fading_dl[1:].ravel(), trace.fading_dl[:-1].ravel())[0, 1]
     assert power_corr == pytest.approx(rho**2, abs=0.03)
     iid = generate_trace(scenario("cell.num_devices=200", "channel.correlation=iid"), 400, seed=4)

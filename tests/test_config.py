@@ -104,7 +104,7 @@ BAD = [  # (override, text the message must contain: the field, the value, the a
     ("channel.los=maybe", ["channel.los = 'maybe'", "random, los, nlos"]),
     ("channel.shadowing_std_db=-1", ["channel.shadowing_std_db = -1.0", "allowed: [0, 30]"]),
     ("channel.coherence_s=0", ["channel.coherence_s = 0.0", "allowed: (0, 10]"]),
-    ("channel.correlation=pink", ["channel.correlation = 'pink'", "jakes, iid"]),
+    ("channel.correlation=pink", ["channel.correlation = 'pink'", "jakes, ar1, iid"]),
     (
         "mobility.model=teleport",
         ["mobility.model = 'teleport'", "constant_velocity, random_waypoint, static"],

@@ -1,6 +1,8 @@
 """One core under two faces: the simulator and the BS price a forward with the same function, and a
 feedback policy (slo) adapts in both."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,7 @@ def test_the_simulator_and_the_bs_price_a_forward_alike(lab_factory, allocator):
     settings = RuntimeSettings(emulate_links=True, allocator=allocator)
     still = ["channel.coherence_s=10", "mobility.model=static"]  # one fading block for the test
     lab = lab_factory(devices=8, settings=settings, overrides=still)
+    lab.bs.t0 = time.monotonic()  # the BS's clock at 0, as the simulator's: both in block 0
     lab.wm.model(IDS)
     at_bs = lab.bs.last_priced
     sim = Simulation(lab.ref, lab.bs.scenario, SimSettings(allocator=allocator))

@@ -15,7 +15,7 @@ from wdmoe.channel import generate_trace
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError, UnknownNameError
 from wdmoe.latency import ExpertCost, device_time_s, layer_demand
-from wdmoe.latency.cell import bs_estimate, noisy_csi
+from wdmoe.latency.cell import Cell, Csi, noisy_csi
 from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.install import install
 from wdmoe.policies import check_selection, make_policy
@@ -153,9 +153,17 @@ def test_latency_view_reuses_the_latency_model():
 def test_noisy_and_stale_csi_are_seeded_and_sized():
     trace = generate_trace(CFG, 5, seed=1)
     true = trace.state(4)
-    assert bs_estimate(trace, 4, np.random.default_rng(0)) is not None
-    assert bs_estimate(trace, 4, np.random.default_rng(0), delay_blocks=3).time_s == trace.state(1).time_s
-    assert bs_estimate(trace, 1, np.random.default_rng(0), delay_blocks=3).time_s == 0.0
+    block_s = trace.block_s
+    stale = Cell(CFG, 5, seed=1, csi=Csi(delay_blocks=3))
+    assert stale.snapshot(4.5 * block_s).estimate.time_s == trace.state(1).time_s
+    assert stale.snapshot(1.5 * block_s).estimate.time_s == 0.0
+    wrapped = Cell(CFG, 5, seed=1, csi=Csi(delay_blocks=3), wrap=True)
+    assert wrapped.snapshot(1.5 * block_s).estimate.time_s == trace.state(3).time_s
+    noisy = Cell(CFG, 5, seed=1, csi=Csi(error_std_db=3.0))
+    again = Cell(CFG, 5, seed=1, csi=Csi(error_std_db=3.0))  # one draw per block: same estimate
+    first, second = noisy.snapshot(2.5 * block_s).estimate, again.snapshot(2.5 * block_s).estimate
+    np.testing.assert_array_equal(first.dl.gain, second.dl.gain)
+    assert not np.array_equal(first.dl.gain, trace.state(2).dl.gain)
     a = noisy_csi(true, np.random.default_rng(7), 2.0)
     b = noisy_csi(true, np.random.default_rng(7), 2.0)
     np.testing.assert_array_equal(a.ul.snr_hz, b.ul.snr_hz)

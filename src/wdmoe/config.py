@@ -51,6 +51,9 @@ class CellConfig:
     ``positions_m`` (pairs, metres, BS at the origin) replaces the annulus drop when given.
     ``device_classes`` is repeated cyclically over the U devices. ``bs_height_m`` /
     ``ut_height_m`` default to the path-loss model's own (TR 38.901) values when absent.
+    ``min_se_bps_per_hz``: below it a link is down for the fading block (default: the lowest CQI
+    of 3GPP TS 38.214 Table 5.2.2.1-2, see :mod:`wdmoe.latency.deadline`; 0 turns outage off).
+    ``csi_period_s``: how often the BS refreshes its channel estimate (absent: every fading block).
     """
 
     num_devices: int = 8
@@ -71,6 +74,8 @@ class CellConfig:
     ut_height_m: float | None = None
     bs_flops_per_s: float = 1e14
     overhead_s: float = 0.0
+    min_se_bps_per_hz: float = 0.1523
+    csi_period_s: float | None = None
 
     def __post_init__(self) -> None:
         check_range("cell.num_devices", self.num_devices, 1, 100_000)
@@ -98,6 +103,9 @@ class CellConfig:
             check_range("cell.ut_height_m", self.ut_height_m, 1.0, 22.5)
         check_range("cell.bs_flops_per_s", self.bs_flops_per_s, 0.0, INF, lo_open=True)
         check_range("cell.overhead_s", self.overhead_s, 0.0, 10.0)
+        check_range("cell.min_se_bps_per_hz", self.min_se_bps_per_hz, 0.0, 30.0)
+        if self.csi_period_s is not None:
+            check_range("cell.csi_period_s", self.csi_period_s, 0.0, 3600.0, lo_open=True)
 
     def _check_positions(self) -> None:
         if not self.positions_m:
@@ -116,8 +124,9 @@ class ChannelConfig:
     """Path loss, LOS, shadowing and fading. ``shadowing_std_db`` absent: the model's own σ.
 
     ``los``: "random" (drawn from the model's LOS probability), "los" or "nlos" (forced).
-    ``coherence_s``: the fading block length T; ``correlation``: "jakes" (ρ = J0(2π f_D T))
-    or "iid" (ρ = 0, independent blocks).
+    ``coherence_s``: the fading block length T; ``correlation`` of the fading across blocks:
+    "jakes" (sum of sinusoids, autocorrelation J0(2π f_D m T) at every lag m), "ar1"
+    (Gauss-Markov, ρ = J0(2π f_D T) per block, ρ^m at lag m) or "iid" (independent blocks).
     """
 
     pathloss: str = "macro"
@@ -136,7 +145,7 @@ class ChannelConfig:
         check_choice("channel.fading", self.fading, FADING.names())
         check_range("channel.rician_k_db", self.rician_k_db, -30.0, 40.0)
         check_range("channel.coherence_s", self.coherence_s, 0.0, 10.0, lo_open=True)
-        check_choice("channel.correlation", self.correlation, ("jakes", "iid"))
+        check_choice("channel.correlation", self.correlation, ("jakes", "ar1", "iid"))
 
 
 @dataclass(frozen=True)

@@ -1,48 +1,57 @@
-"""The in-process WDMoE simulation: a real model answers while a channel trace decides what each
-expert costs (SPEC §4–§7).
+"""The in-process WDMoE simulation: a real model answers while a simulated cell decides what each
+expert costs and whether it answers at all (SPEC §4–§7).
 
-Every forward of the model (a prefill, then one per decode step) is one *step*:
-1. the cell's snapshot at the current simulated time (:class:`~wdmoe.latency.cell.Cell`: the BS's
-   stale / noisy estimate, the truth) gives the policy its latency view (equal bandwidth split);
-2. the model runs; every MoE block's policy selects on that view and the recorder keeps what
-   ran: tokens per expert and layer n [L, E];
-3. :func:`~wdmoe.latency.pricing.price_forward` — the function the BS prices with — prices n on
-   the *true* channel of that time, with the allocator's split per layer decided on the same
-   estimate the policy saw, plus BS compute; simulated time advances by the result, and the
-   policy is told what the step cost (``observe``). The channel is constant over one forward
-   (block fading at the granularity of a forward, as WDMoE assumes: the policy and the allocator
-   can only act on what the BS knows when the forward starts) and moves on between forwards.
-The same trace (seed) is replayed for every policy, so comparisons are paired.
+Every forward of the model (a prefill, a decode step, a scorer's batch) runs on a simulated clock,
+layer by layer, as the BS runs it:
+1. when a MoE layer starts, the cell's snapshot at the clock (:class:`~wdmoe.latency.cell.Cell`:
+   the true channel of that fading block, the BS's latest — stale, noisy — estimate) gives the
+   policy its latency view, in which devices whose links the BS sees in outage are unreachable;
+2. the layer's experts are priced by :func:`~wdmoe.latency.pricing.price_layer` — the function
+   the BS prices with — and its calls settled by the runtime's deadline rule
+   (:mod:`wdmoe.latency.deadline`): experts on devices the BS sees down are skipped up front; a call
+   over a link truly in outage is lost at its deadline, a late one cut there; their experts are
+   dropped (the model renormalises, as for a device that does not answer at the BS) or, in
+   ``fallback`` mode, run locally;
+3. the clock advances by the layer's wait and its BS compute: the next layer sees the channel of
+   its own time (``channel_moves=False``: every layer of a forward on the snapshot of its start,
+   block fading per forward as WDMoE assumes, for comparison).
+After the forward each request in it is recorded (:class:`StepRecord`) and the policy is told what
+it cost. The rows of a scorer's batch are requests that arrived together: they share the batch's
+clock, decisions and cut calls, and each is priced as its own request on the channel of every
+layer's time (``split_rows``); a context scored once for several continuations
+(:func:`~wdmoe.models.requests.sharing_contexts`) counts in full in each (context + continuation)
+request. The same trace (seed) is replayed for every policy, so comparisons are paired.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from wdmoe.allocation import make_allocator
-from wdmoe.channel.units import FloatArray
+from wdmoe.channel.units import BoolArray, FloatArray
 from wdmoe.config import ScenarioConfig, check_range
 from wdmoe.errors import ConfigError
 from wdmoe.latency.cell import Cell, CellSnapshot, Csi
-from wdmoe.latency.pricing import price_forward
+from wdmoe.latency.deadline import DeadlineRule
+from wdmoe.latency.model import bs_seconds
+from wdmoe.latency.pricing import Calls, Priced, forward_overheads, price_layer, stack_layers
+from wdmoe.loads import RowLoads, expert_loads, row_lengths, row_loads, token_rows
+from wdmoe.models.dispatch import Dispatcher
 from wdmoe.models.install import ForwardCall, WirelessModel
-from wdmoe.types import Feedback, LayerTrace
+from wdmoe.models.requests import shared_contexts
+from wdmoe.types import Feedback
 
 
 @dataclass(frozen=True)
 class SimSettings:
-    """How the BS sees and shares the channel. trace_blocks × coherence_s bounds simulated time.
-
-    split_rows: account every row of a batched forward without KV cache as its own request (its
-    unpadded tokens prefilled alone), so that a scorer's batching (e.g. the choices of
-    multiple-choice items) does not change the latency per request. The rows of one forward are
-    requests arriving at the same time: the policy decides on the estimate at the forward's start
-    and every row is priced on the channel of that time; the clock then advances by the rows'
-    summed latency.
-    """
+    """How the BS sees, shares and waits for the cell. trace_blocks × coherence_s bounds simulated
+    time. ``deadline``: the runtime's rule for device calls (mode drop / wait / fallback, slack,
+    grace); ``channel_moves``: price every layer on the channel of its own time (False: a forward
+    on the snapshot of its start). ``split_rows``: account every row of a batched forward without
+    KV cache as its own request (see the module doc)."""
 
     allocator: str = "equal"
     csi_delay_blocks: int = 0
@@ -50,6 +59,8 @@ class SimSettings:
     trace_blocks: int = 20000
     seed: int | None = None
     split_rows: bool = False
+    deadline: DeadlineRule = field(default_factory=DeadlineRule)
+    channel_moves: bool = True
 
     def __post_init__(self) -> None:
         check_range("sim.csi_delay_blocks", self.csi_delay_blocks, 0, 1e6)
@@ -59,8 +70,11 @@ class SimSettings:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One forward (or one row of it), accounted. Arrays: [L, E] per expert, [L, U] per device,
-    [L] per layer (s); snr_db_dl / snr_db_ul [U]: the true SNR at an equal share B/U (dB)."""
+    """One request's forward, accounted. Arrays: [L, E] per expert, [L, U] per device, [L] per
+    layer (s); snr_db_dl / snr_db_ul [U]: the true SNR at an equal share B/U when its first layer
+    ran (dB). Per layer and device: link_down (the link truly in outage), cut_late / cut_down (a call
+    with work cut at its deadline / lost to outage), skipped_tokens (tokens of experts not sent:
+    the BS saw their device's link down)."""
 
     phase: str
     start_s: float
@@ -78,56 +92,44 @@ class StepRecord:
     waiting_s: FloatArray
     bs_s: FloatArray
     head_s: float
+    link_down: BoolArray
+    cut_late: BoolArray
+    cut_down: BoolArray
+    skipped_tokens: FloatArray
 
     @property
     def total_s(self) -> float:
         return float(self.waiting_s.sum() + self.bs_s.sum() + self.head_s)
 
 
-def expert_loads(traces: list[LayerTrace], num_experts: int) -> tuple[FloatArray, FloatArray, float]:
-    """From one forward's traces: kept tokens n [L, E], dropped candidates [L, E], and the mean
-    share of router importance kept per token and layer (1 = nothing dropped)."""
-    (kept,), (dropped,), (mass,) = row_loads(traces, num_experts, torch.zeros(len(traces[0].keep)), 1)
-    return kept, dropped, mass
+@dataclass(frozen=True)
+class LayerRun:
+    """One MoE layer of a forward as it ran: its snapshot, the forward's calls priced and settled,
+    and the experts skipped up front [E]."""
+
+    snap: CellSnapshot
+    priced: Priced
+    skipped: BoolArray
 
 
-def row_loads(
-    traces: list[LayerTrace], num_experts: int, row: torch.Tensor, rows: int
-) -> tuple[FloatArray, FloatArray, list[float]]:
-    """Per row r < ``rows`` of a forward (``row`` [T]: each token's row, −1 for padding): kept
-    tokens [R, L, E], dropped candidates [R, L, E] and the retained importance share (mean over
-    the row's tokens and the layers), in one pass per layer."""
-    real = row >= 0
-    idx = row.clamp_min(0).long()
-    kept = torch.zeros(rows, len(traces), num_experts, dtype=torch.float64)
-    dropped = torch.zeros_like(kept)
-    share_sum = torch.zeros(rows, dtype=torch.float64)
-    for layer, t in enumerate(traces):
-        keep = t.keep & real[:, None]
-        miss = ~t.keep & real[:, None]
-        flat = (idx[:, None] * num_experts + t.candidates).reshape(-1)
-        kept[:, layer] = torch.bincount(flat, keep.reshape(-1).double(), rows * num_experts).reshape(
-            rows, num_experts
-        )
-        dropped[:, layer] = torch.bincount(flat, miss.reshape(-1).double(), rows * num_experts).reshape(
-            rows, num_experts
-        )
-        imp = torch.softmax(t.logits.double(), -1).gather(-1, t.candidates)
-        share = (imp * t.keep).sum(-1) / imp.sum(-1).clamp_min(1e-30)
-        share_sum += torch.bincount(idx[real], share[real], rows)
-    count = torch.bincount(idx[real], minlength=rows).double() * len(traces)
-    mass = torch.where(count > 0, share_sum / count.clamp_min(1), 1.0)
-    return kept.numpy(), dropped.numpy(), [float(m) for m in mass]
+@dataclass
+class Pass:
+    """A forward in flight: how its rows are accounted (``request``: one request; ``rows``: each
+    row its own; ``context`` / ``continuation``: shared contexts), its clock, BS compute per layer,
+    its tokens' rows and the layers run so far."""
 
+    kind: str
+    start_s: float
+    bs_s: float
+    row: torch.Tensor
+    rows: int
+    parents: tuple[int, ...] = ()
+    clock: float = 0.0
+    selected: FloatArray | None = None  # the current layer's real tokens per expert [E]
+    layers: list[LayerRun] = field(default_factory=list)
 
-def token_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The row of every token [B·S] (row-major over [B, S], as the MoE blocks flatten), −1 for
-    padding."""
-    b, s = int(input_ids.shape[0]), int(input_ids.shape[-1])
-    rows = torch.arange(b)[:, None].expand(b, s)
-    if attention_mask is None:
-        return rows.reshape(-1)
-    return torch.where(attention_mask.bool(), rows, -1).reshape(-1)
+    def __post_init__(self) -> None:
+        self.clock = self.start_s
 
 
 @dataclass
@@ -147,85 +149,194 @@ class Simulation:
         self.allocator = make_allocator(s.allocator)
         self.time_s = 0.0
         self.context_tokens = 0
-        self.snapshot: CellSnapshot | None = None
+        self.current: Pass | None = None
+        self.contexts: tuple[Pass, RowLoads, list[int]] | None = None  # a context pass's, until used
+        self.inner: Dispatcher = self.wm.dispatcher
 
     # --- the forward listener (see WirelessModel.attach) ------------------------------------
 
     def before_forward(self, call: ForwardCall) -> None:
-        if call.starts_request:
-            self.new_request()
-        self.snapshot = self.cell.snapshot(self.time_s)
-        self.wm.set_view(self.snapshot.view)
+        shared = shared_contexts()
+        row = token_rows(call.input_ids, call.attention_mask)
+        rows = int(call.input_ids.shape[0])
+        lengths = row_lengths(row, rows)
+        m, flops = self.scenario.model, self.scenario.cell.bs_flops_per_s
+        if shared is not None and call.cache is None:
+            kind, bs = "context", sum(bs_seconds(m, n, 0, flops)[0] for n in lengths)
+        elif shared is not None and self.contexts is not None:
+            parent_lengths = self.contexts[2]
+            pairs = zip(lengths, shared.parents, strict=True)
+            kind, bs = "continuation", sum(bs_seconds(m, n, parent_lengths[p], flops)[0] for n, p in pairs)
+        elif self.settings.split_rows and call.stateless and self.context_tokens == 0:
+            kind, bs = "rows", sum(bs_seconds(m, n, 0, flops)[0] for n in lengths)
+        else:
+            if call.starts_request:
+                self.new_request()
+            kind, bs = "request", float(bs_seconds(m, call.new_tokens, self.context_tokens, flops)[0])
+        parents = shared.parents if shared is not None else ()
+        self.current = Pass(kind, self.time_s, float(bs), row, rows, parents)
         self.wm.recorder.clear()
         self.wm.recorder.enabled = True
 
     def after_forward(self, call: ForwardCall, ok: bool) -> None:
-        """Account the forward just recorded: as one step of the current request, or each row as
-        its own request (``split_rows``, for a stateless forward starting a request)."""
-        snap, self.snapshot = self.snapshot, None
+        """Account the forward just run (see the module doc)."""
+        fwd, self.current = self.current, None
         traces = self.wm.recorder.clear()
-        if not ok or snap is None:
+        if not ok or fwd is None or not traces:
             return
-        if self.settings.split_rows and call.stateless and self.context_tokens == 0:
-            self.account_rows(snap, traces, token_rows(call.input_ids, call.attention_mask))
+        head_s = forward_overheads(self.scenario, 1, 0)[1]
+        self.time_s = fwd.clock + (head_s if fwd.kind != "context" else 0.0)
+        if fwd.kind == "request":
+            loads = expert_loads(traces, self.wm.num_experts)
+            self.finish(self.record(fwd.layers, loads, call.new_tokens, self.context_tokens, fwd.start_s))
+            self.context_tokens += call.new_tokens
+            return
+        loads = row_loads(traces, self.wm.num_experts, fwd.row, fwd.rows)
+        lengths = row_lengths(fwd.row, fwd.rows)
+        if fwd.kind == "context":
+            self.contexts = (fwd, loads, lengths)
+            return
+        if fwd.kind == "rows":
+            for r in range(fwd.rows):
+                self.new_request()
+                self.finish(self.record(fwd.layers, loads.row(r), lengths[r], 0, fwd.start_s))
         else:
-            self.account(snap, expert_loads(traces, self.wm.num_experts), call.new_tokens)
-
-    def account_rows(
-        self, snap: CellSnapshot, traces: list[LayerTrace], row: torch.Tensor
-    ) -> list[StepRecord]:
-        """Account each row (``row`` [T]: each token's row, −1 for padding) of one forward as its
-        own request, all arriving at the forward's start."""
-        rows = int(row.max()) + 1
-        kept, dropped, mass = row_loads(traces, self.wm.num_experts, row, rows)
-        lengths = torch.bincount(row[row >= 0], minlength=rows).tolist()
-        start_s = self.time_s
-        steps = []
-        for r in range(rows):
-            self.new_request()
-            steps.append(self.account(snap, (kept[r], dropped[r], mass[r]), int(lengths[r]), start_s))
+            self.account_continuations(fwd, loads, lengths)
         self.new_request()
-        return steps
 
-    def account(
-        self,
-        snap: CellSnapshot,
-        loads: tuple[FloatArray, FloatArray, float],
-        new_tokens: int,
-        start_s: float | None = None,
-    ) -> StepRecord:
-        """Price ``loads`` (kept [L, E], dropped [L, E], retained mass) with
-        :func:`~wdmoe.latency.pricing.price_forward` on the snapshot's true channel, the allocator
-        deciding on its view. Records the step, advances the clock, tells the policy."""
-        kept, dropped, mass = loads
+    def account_continuations(self, fwd: Pass, loads: RowLoads, lengths: list[int]) -> None:
+        """Each (context + continuation) row as one request, on the context pass's channel, cut
+        wherever either pass was."""
+        assert self.contexts is not None, "a continuation pass without its context pass"
+        ctx, ctx_loads, ctx_lengths = self.contexts
+        self.contexts = None
+        merged = [
+            LayerRun(
+                c.snap,
+                replace(c.priced, late=c.priced.late | f.priced.late, down=c.priced.down | f.priced.down),
+                c.skipped | f.skipped,
+            )
+            for c, f in zip(ctx.layers, fwd.layers, strict=True)
+        ]
+        for r, p in enumerate(fwd.parents):
+            n_ctx, n = ctx_lengths[p], ctx_lengths[p] + lengths[r]
+            both = RowLoads(
+                ctx_loads.sent[p : p + 1] + loads.sent[r : r + 1],
+                ctx_loads.kept[p : p + 1] + loads.kept[r : r + 1],
+                ctx_loads.dropped[p : p + 1] + loads.dropped[r : r + 1],
+                [(ctx_loads.mass[p] * n_ctx + loads.mass[r] * lengths[r]) / max(n, 1)],
+            )
+            self.new_request()
+            self.finish(self.record(merged, both, n, 0, ctx.start_s))
+
+    def finish(self, record: StepRecord) -> None:
+        """Keep the record; tell the policy what the request's forward cost."""
+        self.records.append(record)
+        self.wm.observe(Feedback(record.total_s, record.new_tokens, decode=record.phase == "decode"))
+
+    # --- the dispatcher (see WirelessMoEBlock): one layer on the cell -------------------------
+
+    def layer_snapshot(self) -> CellSnapshot:
+        """The cell when the current layer starts (its forward's start without ``channel_moves``)."""
+        fwd = self.current
+        if fwd is None:
+            return self.cell.snapshot(self.time_s)
+        return self.cell.snapshot(fwd.clock if self.settings.channel_moves else fwd.start_s)
+
+    def view_at(self, layer: int) -> object:
+        return self.layer_snapshot().view
+
+    def on_select(self, layer: int, candidates: torch.Tensor, keep: torch.Tensor) -> None:
+        """Count the layer's real tokens per expert (padding is not sent)."""
+        fwd = self.current
+        if fwd is not None:
+            real = keep & (fwd.row >= 0)[:, None]
+            counts = torch.bincount(candidates[real], minlength=self.wm.num_experts)
+            fwd.selected = counts.double().numpy()
+
+    def run(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Price and settle the layer's calls on the cell now; run the experts that answer."""
+        fwd = self.current
+        if fwd is None:
+            return self.inner.run(layer, inputs)
+        snap = self.layer_snapshot()
         view = snap.view
-        device_tokens = view.device_tokens(kept)
-        args = (self.scenario, device_tokens, new_tokens, self.context_tokens)
-        lat = price_forward(view, snap.true, self.allocator, *args).latency
-        share = snap.true.equal_share_hz()
-        record = StepRecord(
-            "prefill" if self.context_tokens == 0 else "decode",
-            self.time_s if start_s is None else start_s,
+        tokens = fwd.selected if fwd.selected is not None else np.zeros(view.num_experts)
+        if fwd.selected is None:
+            for e, x in inputs.items():
+                tokens[e] = len(x)
+        fwd.selected = None
+        reach = np.ones(view.channel.num_devices, dtype=bool) if view.up is None else view.up
+        skipped = ~reach[view.placement]
+        calls = Calls(self.settings.deadline, snap.true_up)
+        priced = price_layer(
+            view, snap.true, self.allocator, view.device_tokens(np.where(skipped, 0, tokens)), calls
+        )
+        fwd.layers.append(LayerRun(snap, priced, skipped))
+        fwd.clock += float(priced.wait_s) + fwd.bs_s
+        lost = skipped | priced.cut[view.placement]
+        fallback = self.settings.deadline.mode == "fallback"
+        run = {e: x for e, x in inputs.items() if fallback or not lost[e]}
+        return self.inner.run(layer, run)
+
+    # --- records ----------------------------------------------------------------------------
+
+    def record(
+        self, layers: Sequence[LayerRun], loads: RowLoads, new_tokens: int, context: int, start_s: float
+    ) -> StepRecord:
+        """A request's record: its loads (one row) priced on the layers it ran through (their
+        snapshots and cut calls), with its own BS compute and LM head."""
+        sent = loads.sent[0]
+        priced = self.price(layers, sent, new_tokens, context)
+        views = [lr.snap.view for lr in layers]
+        first = layers[0].snap.true
+        share = first.equal_share_hz()
+        lat = priced.latency
+        skipped = [
+            v.device_tokens(np.where(lr.skipped, n, 0.0))
+            for v, lr, n in zip(views, layers, sent, strict=True)
+        ]
+        dropped = [v.device_tokens(d) for v, d in zip(views, loads.dropped[0], strict=True)]
+        return StepRecord(
+            "prefill" if context == 0 else "decode",
+            start_s,
             new_tokens,
-            kept,
-            dropped,
-            mass,
-            device_tokens,
-            view.device_tokens(dropped),
-            10 * np.log10(np.maximum(snap.true.dl.snr(share), 1e-30)),
-            10 * np.log10(np.maximum(snap.true.ul.snr(share), 1e-30)),
+            loads.kept[0],
+            loads.dropped[0],
+            loads.mass[0],
+            priced.device_tokens,
+            np.stack(dropped),
+            10 * np.log10(np.maximum(first.dl.snr(share), 1e-30)),
+            10 * np.log10(np.maximum(first.ul.snr(share), 1e-30)),
             lat.devices.downlink_s,
             lat.devices.compute_s,
             lat.devices.uplink_s,
             lat.waiting_s,
             lat.bs_s,
             lat.head_s,
+            np.stack([~lr.snap.true_up for lr in layers]),
+            priced.late,
+            priced.down,
+            np.stack(skipped),
         )
-        self.records.append(record)
-        self.time_s += record.total_s
-        self.wm.observe(Feedback(record.total_s, new_tokens, decode=self.context_tokens > 0))
-        self.context_tokens += new_tokens
-        return record
+
+    def price(self, layers: Sequence[LayerRun], sent: FloatArray, new_tokens: int, context: int) -> Priced:
+        """Loads sent [L, E] priced layer by layer on the layers' snapshots, settled as they were."""
+        rule = self.settings.deadline
+        priced = []
+        for lr, n in zip(layers, sent, strict=True):
+            view = lr.snap.view
+            calls = Calls(rule, lr.snap.true_up, late=lr.priced.late, down=lr.priced.down)
+            priced.append(
+                price_layer(
+                    view,
+                    lr.snap.true,
+                    self.allocator,
+                    view.device_tokens(np.where(lr.skipped, 0.0, n)),
+                    calls,
+                )
+            )
+        return stack_layers(priced, *forward_overheads(self.scenario, new_tokens, context))
 
     def new_request(self) -> None:
         """Start a new request: empty KV cache; simulated time (and the channel) go on."""
@@ -235,12 +346,19 @@ class Simulation:
     @contextmanager
     def attached(self) -> Iterator["Simulation"]:
         """Account every forward of ``wm.model`` while inside."""
+        self.inner = self.wm.dispatcher
+        self.wm.set_dispatcher(self)
+        self.wm.set_view_source(self.view_at)  # type: ignore[arg-type]
+        self.wm.context.on_select = self.on_select
         try:
             with self.wm.attach(self):
                 yield self
         finally:
             self.wm.recorder.enabled = False
+            self.wm.set_view_source(None)
+            self.wm.context.on_select = None
             self.wm.set_view(None)
+            self.wm.set_dispatcher(self.inner)
 
 
 def check_model_matches(wm: WirelessModel, scenario: ScenarioConfig) -> None:

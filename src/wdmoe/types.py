@@ -58,8 +58,9 @@ class Selection:
 class LayerTrace:
     """One MoE layer's forward, as recorded for latency and accuracy accounting.
 
-    logits [T, E], candidates [T, K], keep [T, K], weights [T, K]; ``failed`` lists experts
-    the dispatcher could not run (treated as dropped).
+    logits [T, E], candidates [T, K], keep [T, K] (what ran), weights [T, K]; ``failed`` lists
+    experts the dispatcher could not run (treated as dropped); ``selected`` [T, K] what the policy
+    kept, before those failures (None: the same as keep).
     """
 
     layer: int
@@ -68,6 +69,12 @@ class LayerTrace:
     keep: torch.Tensor
     weights: torch.Tensor
     failed: tuple[int, ...] = ()
+    selected: torch.Tensor | None = None
+
+    @property
+    def sent(self) -> torch.Tensor:
+        """[T, K] the candidates the policy kept (sent to their devices, answered or not)."""
+        return self.keep if self.selected is None else self.selected
 
     def tokens_per_expert(self) -> torch.Tensor:
         """[E] number of tokens each expert actually processed."""

@@ -9,7 +9,8 @@ out immutable :class:`ChannelState` snapshots.
 Per device u and block n (time n·T, T = ``channel.coherence_s``):
     PL[n, u]  path loss at the device's distance (LOS if a fixed uniform draw < P_LOS(d));
     X[n, u]   = σ(LOS)·z_u, z_u ~ N(0, 1) drawn once per device (log-normal shadowing);
-    |g|²      block fading, Gauss-Markov across blocks (independent per direction: FDD);
+    |g|²      block fading, correlated across blocks by ``channel.correlation`` ("jakes": sum of
+              sinusoids, "ar1": Gauss-Markov, "iid"), independent per direction (FDD);
     h         = 10^(−(PL + X)/10)·|g|²;
     downlink  P_BS spread over the band B: SNR = (P_BS/B)·h/N0_dev;
     uplink    p_u on the device's own share: SNR = p_u·h/(N0_BS·B_u);
@@ -21,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wdmoe.channel.fading import FADING, gauss_markov, jakes_rho
+from wdmoe.channel.fading import FADING, gauss_markov, jakes_rho, sum_of_sinusoids
 from wdmoe.channel.fading import doppler_hz as doppler_of
 from wdmoe.channel.geometry import MOBILITY, distance_m, drop_annulus
 from wdmoe.channel.pathloss import PATHLOSS, PathLoss
 from wdmoe.channel.state import ChannelState, Link
-from wdmoe.channel.units import BoolArray, FloatArray, db_to_linear, dbm_to_w
+from wdmoe.channel.units import BoolArray, ComplexArray, FloatArray, db_to_linear, dbm_to_w
 
 if TYPE_CHECKING:  # config validates names against the registries above, so it imports this package
     from wdmoe.config import CellConfig, ChannelConfig, ScenarioConfig
@@ -145,15 +146,20 @@ def _los(mode: str, probability: FloatArray, uniform: FloatArray) -> BoolArray:
     return np.full(probability.shape, mode == "los")
 
 
+def _diffuse(scenario: "ScenarioConfig", num_blocks: int, rng: np.random.Generator) -> ComplexArray:
+    """The diffuse part w [N, U] of one direction, correlated as ``channel.correlation`` says."""
+    u, channel = scenario.cell.num_devices, scenario.channel
+    f_d_hz = np.full(u, doppler_of(scenario.mobility.speed_mps, scenario.cell.carrier_hz))
+    if channel.correlation == "jakes":
+        return sum_of_sinusoids(f_d_hz, channel.coherence_s, num_blocks, rng)
+    rho = jakes_rho(f_d_hz, channel.coherence_s) if channel.correlation == "ar1" else np.zeros(u)
+    return gauss_markov(rho, num_blocks, rng)
+
+
 def _fading(scenario: "ScenarioConfig", num_blocks: int, rng: np.random.Generator) -> FloatArray:
-    """|g|² [N, U] for one direction: LOS phases first, then the Gauss-Markov diffuse part."""
-    u = scenario.cell.num_devices
-    los_phase = rng.uniform(0.0, 2.0 * np.pi, u)
-    rho = np.zeros(u)
-    if scenario.channel.correlation == "jakes":
-        f_d_hz = doppler_of(scenario.mobility.speed_mps, scenario.cell.carrier_hz)
-        rho = np.full(u, jakes_rho(f_d_hz, scenario.channel.coherence_s))
-    diffuse = gauss_markov(rho, num_blocks, rng)
+    """|g|² [N, U] for one direction: LOS phases first, then the diffuse part."""
+    los_phase = rng.uniform(0.0, 2.0 * np.pi, scenario.cell.num_devices)
+    diffuse = _diffuse(scenario, num_blocks, rng)
     model = build(FADING.get(scenario.channel.fading), rician_k_db=scenario.channel.rician_k_db)
     return np.asarray(model.power(diffuse, los_phase))
 

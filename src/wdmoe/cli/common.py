@@ -7,7 +7,7 @@ Commands import this module; this module imports no command (common ← commands
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,6 +25,20 @@ from wdmoe.config import parse_assignment
 from wdmoe.errors import ConfigError
 
 err = Console(stderr=True, soft_wrap=True)  # status, progress and errors; stdout keeps the answers
+
+# The deadline rule of device calls, the same options for the BS and the simulator (its defaults:
+# wdmoe.latency.deadline.DeadlineRule).
+ModeOpt = Annotated[
+    str,
+    typer.Option(
+        help="A late or lost device call: drop, wait (up to --max-wait-s) or fallback (run at the BS)."
+    ),
+]
+SlackOpt = Annotated[
+    float, typer.Option(help="Deadline of a device call = time_scale·slack·predicted + grace.")
+]
+GraceMsOpt = Annotated[float, typer.Option(help="Deadline allowance for RPC and OS overhead (ms).")]
+MaxWaitOpt = Annotated[float, typer.Option(help="The longest any device call may take (wait mode).")]
 
 
 def fail(error: Exception) -> typer.Exit:

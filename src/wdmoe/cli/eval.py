@@ -7,7 +7,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from wdmoe.cli.common import err, fail, parse_params, progress_bar, quiet_transformers
+from wdmoe.cli.common import (
+    GraceMsOpt,
+    MaxWaitOpt,
+    ModeOpt,
+    SlackOpt,
+    err,
+    fail,
+    parse_params,
+    progress_bar,
+    quiet_transformers,
+)
 from wdmoe.errors import WdmoeError
 from wdmoe.policies import POLICIES
 
@@ -76,6 +86,16 @@ def eval_cmd(
     csi_error_db: Annotated[
         float, typer.Option(help="Noisy CSI: log-normal estimation error σ in dB.")
     ] = 0.0,
+    mode: ModeOpt = "drop",
+    slack: SlackOpt = 3.0,
+    grace_ms: GraceMsOpt = 250.0,
+    max_wait_s: MaxWaitOpt = 30.0,
+    channel_per_forward: Annotated[
+        bool,
+        typer.Option(
+            help="Price a whole forward on the channel of its start (block fading per forward, as before)."
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward (scoring only).")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="Generation cap for GSM8K-type tasks.")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON lines.")] = False,
@@ -86,6 +106,7 @@ def eval_cmd(
     one question at a time (prefill + decode)."""
     from wdmoe.eval.harness import EvalSettings
     from wdmoe.eval.results import select_records
+    from wdmoe.latency.deadline import DeadlineRule
     from wdmoe.simulate import SimSettings
     from wdmoe.studies.runner import EvalPoint, PolicySpec
 
@@ -102,6 +123,8 @@ def eval_cmd(
                 seed=seed,
                 csi_delay_blocks=csi_delay_blocks,
                 csi_error_std_db=csi_error_db,
+                deadline=DeadlineRule(mode, slack, grace_ms / 1e3, max_wait_s),
+                channel_moves=not channel_per_forward,
             ),
             scoring=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens),
             limit=limit,

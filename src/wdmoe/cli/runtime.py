@@ -10,6 +10,10 @@ import typer
 from rich.table import Table
 
 from wdmoe.cli.common import (
+    GraceMsOpt,
+    MaxWaitOpt,
+    ModeOpt,
+    SlackOpt,
     answer_was_served,
     err,
     fail,
@@ -58,14 +62,10 @@ def serve_bs_cmd(
     param: Annotated[list[str] | None, typer.Option(help="Policy parameter NAME=VALUE (repeatable).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Router candidates per token.")] = None,
     allocator: Annotated[str, typer.Option(help="Bandwidth allocator per layer.")] = "equal",
-    mode: Annotated[
-        str, typer.Option(help="A late or failed expert: wait, drop or fallback (run at the BS).")
-    ] = "drop",
-    slack: Annotated[float, typer.Option(help="Deadline = time_scale·slack·predicted + grace.")] = 3.0,
-    grace_ms: Annotated[float, typer.Option(help="Deadline allowance for RPC and OS overhead (ms).")] = 250.0,
-    max_wait_s: Annotated[
-        float, typer.Option(help="The longest any device call may take (wait mode).")
-    ] = 30.0,
+    mode: ModeOpt = "drop",
+    slack: SlackOpt = 3.0,
+    grace_ms: GraceMsOpt = 250.0,
+    max_wait_s: MaxWaitOpt = 30.0,
     emulate_links: Annotated[bool, typer.Option(help="Wait out the channel's DL/UL delays.")] = False,
     time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second.")] = 1.0,
     wire_dtype: Annotated[

@@ -28,41 +28,71 @@ def config_key(config: Mapping[str, Any], task: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def request_totals_s(records: Sequence[StepRecord]) -> list[float]:
-    """End-to-end simulated seconds per request: a prefill and the decode steps that follow it."""
+def per_request(records: Sequence[StepRecord], value: Any) -> list[float]:
+    """``value(record)`` summed per request: a prefill and the decode steps that follow it."""
     totals: list[float] = []
     for r in records:
         if r.phase == "prefill" or not totals:
             totals.append(0.0)
-        totals[-1] += r.total_s
+        totals[-1] += float(value(r))
     return totals
 
 
+def request_totals_s(records: Sequence[StepRecord]) -> list[float]:
+    """End-to-end simulated seconds per request."""
+    return per_request(records, lambda r: r.total_s)
+
+
+def outage_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
+    """What outage and deadlines did: the share of requests that lost an expert to a link in
+    outage (skipped up front, or a call lost at its deadline) or to a late call; such (layer,
+    device) events per request; the share of (layer, device) times a link was down; per device the
+    same, and its calls lost / cut late and tokens skipped per request."""
+    lost = np.asarray(per_request(records, lambda r: r.cut_down.sum() + (r.skipped_tokens > 0).sum()))
+    late = np.asarray(per_request(records, lambda r: r.cut_late.sum()))
+    layers = sum(r.link_down.shape[0] for r in records)
+    return {
+        "outage_requests": float(np.mean(lost > 0)),
+        "late_requests": float(np.mean(late > 0)),
+        "lost_calls": float(lost.mean()),
+        "late_calls": float(late.mean()),
+        "link_down_rate": float(np.mean([r.link_down.mean() for r in records])),
+        "per_device_outage": {
+            "link_down": (np.sum([r.link_down.sum(0) for r in records], axis=0) / layers).tolist(),
+            "cut_down": (np.sum([r.cut_down.sum(0) for r in records], axis=0) / len(lost)).tolist(),
+            "cut_late": (np.sum([r.cut_late.sum(0) for r in records], axis=0) / len(lost)).tolist(),
+            "skipped": (np.sum([r.skipped_tokens.sum(0) for r in records], axis=0) / len(lost)).tolist(),
+        },
+    }
+
+
 def latency_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
-    """Percentiles of per-request latency (s), mean TTFT / TPOT (s), expert-drop rate, retained mass."""
+    """Percentiles of per-request latency (s), mean TTFT / TPOT (s), expert-drop rate, retained
+    mass, and what outage and deadlines did (:func:`outage_summary`)."""
     if not records:
         return {"requests": 0}
-    per_request = np.asarray(request_totals_s(records))
+    totals = np.asarray(request_totals_s(records))
     prefill = [r.total_s for r in records if r.phase == "prefill"]
     decode = [r.total_s for r in records if r.phase == "decode"]
     kept = float(sum(r.expert_tokens.sum() for r in records))
     dropped = float(sum(r.dropped_tokens.sum() for r in records))
     return {
-        "requests": len(per_request),
+        "requests": len(totals),
         "steps": len(records),
-        "mean_s": float(per_request.mean()),
-        **{f"p{q}_s": float(np.percentile(per_request, q)) for q in (50, 95, 99)},
+        "mean_s": float(totals.mean()),
+        **{f"p{q}_s": float(np.percentile(totals, q)) for q in (50, 95, 99)},
         "ttft_s": float(np.mean(prefill)) if prefill else None,
         "tpot_s": float(np.mean(decode)) if decode else None,
-        "total_s": float(per_request.sum()),
-        "per_request_s": [float(f"{x:.4g}") for x in per_request],  # for CDFs (wdmoe report)
+        "total_s": float(totals.sum()),
+        "per_request_s": [float(f"{x:.4g}") for x in totals],  # for CDFs (wdmoe report)
         "drop_rate": dropped / (kept + dropped) if kept + dropped > 0 else 0.0,
         "retained_mass": float(np.mean([r.retained_mass for r in records])),
         "experts_per_token": kept
         / max(sum(r.new_tokens for r in records), 1)
         / records[0].expert_tokens.shape[0],
-        "per_layer": breakdown_per_layer(records, len(per_request)),
-        "per_device": breakdown_per_device(records, len(per_request)),
+        "per_layer": breakdown_per_layer(records, len(totals)),
+        "per_device": breakdown_per_device(records, len(totals)),
+        **outage_summary(records),
     }
 
 

@@ -1,13 +1,18 @@
 """The cell: a scenario, its channel trace and what the BS knows of it (pure, seeded).
 
 The simulator and the BS both look at the cell through :meth:`Cell.snapshot`: at time t the
-fading block b(t) gives the *true* channel, the BS's *estimate* of it (stale CSI: the state
-``delay_blocks`` blocks old; noisy CSI: log-normal gain errors of σ dB) and the latency view a
-policy decides on (the estimate, the scenario's expert cost and device compute, the equal split
-of the band). Trace time runs out at the last block (the simulator clips there) or wraps around
-(the runtime, which runs for as long as it is up).
+fading block b(t) gives the *true* channel; the BS's *estimate* is the one of its last refresh
+(every ``cell.csi_period_s``, default one block), ``delay_blocks`` blocks late (stale CSI), with
+log-normal gain errors of σ dB (noisy CSI; one draw per estimated block, so every face that asks
+about the same time sees the same estimate); the latency view a policy decides on is the
+estimate with the scenario's expert cost and device compute at the equal split of the band, and
+the devices whose links are in outage on it unreachable (:func:`~wdmoe.latency.deadline.link_up`).
+Both faces ask at every MoE layer's own time: the channel moves during a forward. Trace time runs
+out at the last block (the simulator clips there) or wraps around (the runtime, which runs for as
+long as it is up).
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,8 +21,9 @@ import numpy as np
 from wdmoe.channel import ChannelState, generate_trace
 from wdmoe.channel.state import Link
 from wdmoe.channel.trace import ChannelTrace
-from wdmoe.channel.units import FloatArray, db_to_linear
+from wdmoe.channel.units import BoolArray, FloatArray, db_to_linear
 from wdmoe.config import ScenarioConfig, check_range
+from wdmoe.latency.deadline import link_up
 from wdmoe.latency.view import ExpertLatency
 
 
@@ -36,15 +42,18 @@ class Csi:
 
 @dataclass(frozen=True)
 class CellSnapshot:
-    """The cell at one fading block: the BS's estimate, the truth, the policy's view [U]."""
+    """The cell at one time: the fading block of the truth, the BS's estimate (of an earlier block
+    when CSI is stale), the truth, the policy's view [U] and which links are truly up [U]."""
 
     block: int
     estimate: ChannelState
     true: ChannelState
     view: ExpertLatency
+    true_up: BoolArray
 
     def per_token_s(self) -> FloatArray:
-        """t_u(n = 1) [U] on the estimate: one token's time on each device at the equal split."""
+        """t_u(n = 1) [U] on the estimate: one token's time on each device at the equal split
+        (∞ where the BS sees the link down)."""
         return self.view.device_time_s(np.ones(self.view.channel.num_devices))
 
     def placed(self, placement: Any) -> "CellSnapshot":
@@ -54,29 +63,60 @@ class CellSnapshot:
 
 
 class Cell:
-    """A scenario's cell over time (see the module doc); ``wrap``: trace time wraps around."""
+    """A scenario's cell over time (see the module doc); ``wrap``: trace time wraps around;
+    ``trace``: a given trace instead of one generated from the scenario and seed."""
 
     def __init__(
-        self, scenario: ScenarioConfig, blocks: int, seed: int, csi: Csi | None = None, wrap: bool = False
+        self,
+        scenario: ScenarioConfig,
+        blocks: int,
+        seed: int,
+        csi: Csi | None = None,
+        wrap: bool = False,
+        trace: ChannelTrace | None = None,
     ) -> None:
-        self.scenario, self.csi, self.wrap = scenario, csi or Csi(), wrap
-        self.trace = generate_trace(scenario, blocks, seed)
-        self.rng = np.random.default_rng(seed + 1)  # CSI errors: one draw per snapshot
+        self.scenario, self.csi, self.wrap, self.seed = scenario, csi or Csi(), wrap, seed
+        self.trace = trace if trace is not None else generate_trace(scenario, blocks, seed)
+        period = scenario.cell.csi_period_s
+        self.csi_period_s = self.trace.block_s if period is None else period
+        self.min_se = scenario.cell.min_se_bps_per_hz
+        self.cache: OrderedDict[tuple[int, int], CellSnapshot] = OrderedDict()
 
     def block(self, time_s: float) -> int:
         """The fading block of time t (s): clipped to the trace, or wrapped around it."""
         b = int(time_s // self.trace.block_s)
         return b % self.trace.num_blocks if self.wrap else min(b, self.trace.num_blocks - 1)
 
+    def estimate_block(self, time_s: float) -> int:
+        """The block the BS's estimate at time t describes: the one of its last refresh (every
+        ``csi_period_s``), ``delay_blocks`` blocks late (clipped at 0, or wrapped)."""
+        refreshed = self.block(np.floor(time_s / self.csi_period_s) * self.csi_period_s)
+        b = refreshed - self.csi.delay_blocks
+        return b % self.trace.num_blocks if self.wrap else max(b, 0)
+
     def snapshot(self, time_s: float) -> CellSnapshot:
         """The cell at time t: truth, estimate, and the view on the estimate (expert e on device e
-        mod U until placed otherwise)."""
-        b = self.block(time_s)
-        estimate = bs_estimate(self.trace, b, self.rng, self.csi.delay_blocks, self.csi.error_std_db)
+        mod U until placed otherwise). Snapshots are kept for the last few blocks (a forward asks
+        once per layer)."""
+        key = (self.block(time_s), self.estimate_block(time_s))
+        snap = self.cache.get(key)
+        if snap is None:
+            snap = self.cache[key] = self.build(*key)
+            if len(self.cache) > 64:
+                self.cache.popitem(last=False)
+        return snap
+
+    def build(self, block: int, estimate_block: int) -> CellSnapshot:
+        stale = self.trace.state(estimate_block)
+        error_db = self.csi.error_std_db
+        rng = np.random.default_rng([self.seed, 1, estimate_block])  # one error draw per block
+        estimate = stale if error_db == 0.0 else noisy_csi(stale, rng, error_db)
         u = estimate.num_devices
         placement = np.arange(self.scenario.model.num_experts) % u
-        view = ExpertLatency.from_scenario(self.scenario, estimate, placement=placement)
-        return CellSnapshot(b, estimate, self.trace.state(b), view)
+        up = link_up(estimate, self.min_se)
+        view = ExpertLatency.from_scenario(self.scenario, estimate, placement=placement, up=up)
+        true = self.trace.state(block)
+        return CellSnapshot(block, estimate, true, view, link_up(true, self.min_se))
 
 
 # --- the BS's channel estimate ----------------------------------------------------------------
@@ -94,17 +134,3 @@ def noisy_csi(true: ChannelState, rng: np.random.Generator, error_std_db: float)
     u = true.num_devices
     dl_db, ul_db = rng.normal(0.0, error_std_db, u), rng.normal(0.0, error_std_db, u)
     return replace(true, dl=_perturb(true.dl, dl_db), ul=_perturb(true.ul, ul_db))
-
-
-def bs_estimate(
-    trace: ChannelTrace,
-    block: int,
-    rng: np.random.Generator,
-    delay_blocks: int = 0,
-    error_std_db: float = 0.0,
-) -> ChannelState:
-    """What the BS believes at ``block``: the snapshot ``delay_blocks`` fading blocks old
-    (stale CSI; clipped at block 0), with log-normal estimation error of σ dB."""
-    check_range("csi.delay_blocks", delay_blocks, 0, 1e9)
-    stale = trace.state(max(block - delay_blocks, 0))
-    return stale if error_std_db == 0.0 else noisy_csi(stale, rng, error_std_db)

@@ -5,22 +5,24 @@ disagree. For device loads n [..., U] (one layer: [U]; a forward: [L, U]):
 
 1. the allocator splits the band per layer on the BS's *estimate* (the view): B [..., U]; one
    allocation per distinct load (the layers of a decode step share a few patterns);
-2. at that split, t_u = DL + compute + UL on the *true* channel, T_l = max_{u: n_u > 0} t_u
-   (:func:`wdmoe.latency.model.forward_latency`);
-3. a forward adds the BS compute of every layer and the LM head: Σ_l (T_l + BS_l) + head.
-
-``expected_s`` is t_u at the same split on the estimate: what the BS can know in advance (its
-deadlines trust it).
+2. at that split, t_u = DL + compute + UL on the *true* channel
+   (:func:`wdmoe.latency.model.forward_latency`), ``expected_s`` t̂_u the same on the estimate;
+3. with a :class:`~wdmoe.latency.deadline.DeadlineRule` the calls are settled
+   (:func:`~wdmoe.latency.deadline.settle`): each gets its budget from t̂_u, a call over a link
+   truly in outage is lost at its budget, a late one cut there, and the layer waits
+   T_l = max_{u: n_u > 0} min(t_u, b_u); without one, T_l = max_{u: n_u > 0} t_u;
+4. a forward adds the BS compute of every layer and the LM head: Σ_l (T_l + BS_l) + head.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wdmoe.channel.state import ChannelState
-from wdmoe.channel.units import FloatArray
+from wdmoe.channel.units import BoolArray, FloatArray
+from wdmoe.latency.deadline import DeadlineRule, settle
 from wdmoe.latency.model import DeviceTimes, Latency, bs_seconds, forward_latency, layer_demand, lm_head_flops
 from wdmoe.latency.view import ExpertLatency
 
@@ -32,17 +34,27 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Priced:
     """Loads n [..., U] priced: the band split B [..., U], the latency on the true channel (per
-    device DL/compute/UL [..., U], waits [...]; BS compute and LM head for a forward) and the
-    per-device time the BS expected on its estimate [..., U]."""
+    device DL/compute/UL [..., U], waits [...]; BS compute and LM head for a forward), the
+    per-device time the BS expected on its estimate [..., U], each call's budget [..., U] (s of
+    the cell; ∞ without a deadline rule) and which calls were cut late or lost to outage."""
 
     device_tokens: FloatArray
     bandwidth_hz: FloatArray
     latency: Latency
     expected_s: FloatArray
+    budget_s: FloatArray
+    late: BoolArray
+    down: BoolArray
+
+    @property
+    def cut(self) -> BoolArray:
+        """Calls cut late or lost to outage (:attr:`wdmoe.latency.deadline.Settled.cut`)."""
+        return np.asarray(self.late | self.down)
 
     @property
     def wait_s(self) -> FloatArray:
-        """T_l [...]: the slowest device with work, on the true channel."""
+        """T_l [...]: what the BS waited for its slowest device with work, on the true channel
+        (at most each call's budget when the calls were settled)."""
         return self.latency.waiting_s
 
 
@@ -60,6 +72,20 @@ def split_band(view: ExpertLatency, allocator: "Allocator", device_tokens: Any) 
     return np.asarray(splits[np.asarray(inverse).reshape(-1)].reshape(tokens.shape))
 
 
+@dataclass(frozen=True)
+class Calls:
+    """How device calls are settled: the deadline rule, the true link states [U] (None: all up),
+    the runtime's wall seconds per second of the cell (budgets are wall seconds) and, for a
+    request priced after the batch it travelled in, how the batch's calls were settled (late,
+    down [U]; :func:`~wdmoe.latency.deadline.settle`)."""
+
+    rule: DeadlineRule
+    true_up: Any = None
+    time_scale: float = 1.0
+    late: Any = None
+    down: Any = None
+
+
 def price(
     view: ExpertLatency,
     true: ChannelState,
@@ -67,8 +93,10 @@ def price(
     device_tokens: Any,
     bs_s: Any = 0.0,
     head_s: float = 0.0,
+    calls: Calls | None = None,
 ) -> Priced:
-    """Loads n [..., U] priced on ``true`` at the split decided on ``view`` (module doc)."""
+    """Loads n [..., U] priced on ``true`` at the split decided on ``view``, calls settled by
+    ``calls`` (None: waited for however long they take) (module doc)."""
     tokens = np.asarray(device_tokens, dtype=np.float64)
     band = split_band(view, allocator, tokens)
     rates = (true.dl.rate_bps(band), true.ul.rate_bps(band))
@@ -76,14 +104,25 @@ def price(
     expected = forward_latency(
         tokens, view.channel.dl.rate_bps(band), view.channel.ul.rate_bps(band), view.flops_per_s, view.cost
     ).devices.total_s
-    return Priced(tokens, band, latency, expected)
+    if calls is None:
+        never = np.zeros(tokens.shape, dtype=bool)
+        return Priced(tokens, band, latency, expected, np.full(tokens.shape, np.inf), never, never)
+    budget = calls.rule.budgets_s(expected, calls.time_scale) / calls.time_scale
+    up = np.ones(tokens.shape[-1], dtype=bool) if calls.true_up is None else calls.true_up
+    settled = settle(latency.devices.total_s, budget, tokens, up, calls.late, calls.down)
+    latency = replace(latency, waiting_s=settled.layer_s)
+    return Priced(tokens, band, latency, expected, budget, settled.late, settled.down)
 
 
 def price_layer(
-    view: ExpertLatency, true: ChannelState, allocator: "Allocator", device_tokens: Any
+    view: ExpertLatency,
+    true: ChannelState,
+    allocator: "Allocator",
+    device_tokens: Any,
+    calls: Calls | None = None,
 ) -> Priced:
-    """One MoE layer: loads n [U] → split, per-device times, the wait T_l."""
-    return price(view, true, allocator, device_tokens)
+    """One MoE layer: loads n [U] → split, per-device times, calls settled, the wait T_l."""
+    return price(view, true, allocator, device_tokens, calls=calls)
 
 
 def forward_overheads(
@@ -104,13 +143,13 @@ def price_forward(
     device_tokens: Any,
     new_tokens: int,
     context_tokens: int,
+    calls: Calls | None = None,
 ) -> Priced:
-    """One forward: loads n [L, U] of its MoE layers, ``new_tokens`` after ``context_tokens``
-    cached ones → per layer as :func:`price_layer`, plus BS compute per layer and the LM head;
-    ``latency.total_s`` = Σ_l (T_l + BS_l) + head."""
-    return price(
-        view, true, allocator, device_tokens, *forward_overheads(scenario, new_tokens, context_tokens)
-    )
+    """One forward on one snapshot: loads n [L, U] of its MoE layers, ``new_tokens`` after
+    ``context_tokens`` cached ones → per layer as :func:`price_layer`, plus BS compute per layer
+    and the LM head; ``latency.total_s`` = Σ_l (T_l + BS_l) + head."""
+    overheads = forward_overheads(scenario, new_tokens, context_tokens)
+    return price(view, true, allocator, device_tokens, *overheads, calls=calls)
 
 
 def stack_layers(layers: Sequence[Priced], bs_s: Any, head_s: float) -> Priced:
@@ -124,4 +163,5 @@ def stack_layers(layers: Sequence[Priced], bs_s: Any, head_s: float) -> Priced:
     bs = np.broadcast_to(np.asarray(bs_s, dtype=np.float64), waits.shape)
     latency = Latency(devices, waits, bs, head_s)
     stack = lambda f: np.stack([getattr(p, f) for p in layers])  # noqa: E731
-    return Priced(stack("device_tokens"), stack("bandwidth_hz"), latency, stack("expected_s"))
+    fields = ("expected_s", "budget_s", "late", "down")
+    return Priced(stack("device_tokens"), stack("bandwidth_hz"), latency, *(stack(f) for f in fields))

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wdmoe.channel.state import ChannelState
-from wdmoe.channel.units import FloatArray
+from wdmoe.channel.units import BoolArray, FloatArray
 from wdmoe.latency.devices import devices_for, effective_flops_per_s
 from wdmoe.latency.model import DeviceTimes, ExpertCost, device_time_s, device_times, layer_demand, waiting_s
 
@@ -34,7 +34,9 @@ class ExpertLatency:
     """A snapshot of expert costs: channel estimate, expert cost, compute, placement, bandwidth.
 
     channel: the BS's channel estimate; cost: message sizes / FLOPs / τ0; flops_per_s: C_u [U];
-    placement: device of each expert [E]; bandwidth_hz: B_u [U] per direction.
+    placement: device of each expert [E]; bandwidth_hz: B_u [U] per direction; up: whether the
+    BS can reach device u [U] (its link is not in outage on the estimate; None: every device).
+    A device it cannot reach takes t_u = ∞ for any work.
     """
 
     channel: ChannelState
@@ -42,6 +44,7 @@ class ExpertLatency:
     flops_per_s: FloatArray
     placement: IntArray
     bandwidth_hz: FloatArray
+    up: BoolArray | None = None
 
     def __post_init__(self) -> None:
         u = self.channel.num_devices
@@ -52,6 +55,9 @@ class ExpertLatency:
         )
         for array in (self.flops_per_s, self.placement, self.bandwidth_hz):
             array.setflags(write=False)
+        if self.up is not None:
+            assert self.up.shape == (u,), f"up {self.up.shape} != ({u},)"
+            self.up.setflags(write=False)
 
     @classmethod
     def build(
@@ -61,13 +67,15 @@ class ExpertLatency:
         flops_per_s: Any,
         placement: Any = None,
         bandwidth_hz: Any = None,
+        up: Any = None,
     ) -> "ExpertLatency":
-        """Defaults: expert e on device e (E = U) and the equal split B/U."""
+        """Defaults: expert e on device e (E = U), the equal split B/U, every device reachable."""
         u = channel.num_devices
         place = np.arange(u) if placement is None else np.asarray(placement, dtype=np.int64)
         band = channel.equal_share_hz() if bandwidth_hz is None else np.array(bandwidth_hz, np.float64)
         flops = np.broadcast_to(np.asarray(flops_per_s, dtype=np.float64), (u,)).copy()
-        return cls(channel, cost, flops, place.astype(np.int64), band)
+        reach = None if up is None else np.array(up, dtype=bool)
+        return cls(channel, cost, flops, place.astype(np.int64), band, reach)
 
     @classmethod
     def from_scenario(
@@ -76,10 +84,11 @@ class ExpertLatency:
         channel: ChannelState,
         placement: Any = None,
         bandwidth_hz: Any = None,
+        up: Any = None,
     ) -> "ExpertLatency":
         """The scenario's expert cost and device classes on ``channel``."""
         flops = effective_flops_per_s(devices_for(scenario.cell.device_classes, channel.num_devices))
-        return cls.build(channel, ExpertCost.from_config(scenario), flops, placement, bandwidth_hz)
+        return cls.build(channel, ExpertCost.from_config(scenario), flops, placement, bandwidth_hz, up)
 
     @property
     def num_experts(self) -> int:
@@ -92,9 +101,13 @@ class ExpertLatency:
         return np.asarray(n @ onehot)
 
     def device_time_s(self, device_tokens: Any) -> FloatArray:
-        """t_u [..., U] for device loads n_u [..., U] on the estimated channel at B_u."""
+        """t_u [..., U] for device loads n_u [..., U] on the estimated channel at B_u (∞ for work on
+        a device the BS cannot reach)."""
         demand = layer_demand(device_tokens, self.flops_per_s, self.cost)
-        return device_time_s(demand, self.channel, self.bandwidth_hz)
+        t = device_time_s(demand, self.channel, self.bandwidth_hz)
+        if self.up is None:
+            return t
+        return np.asarray(np.where(self.up | (demand.tokens <= 0), t, np.inf))
 
     def expert_time_s(self, expert_tokens: Any) -> FloatArray:
         """[..., E] the time of each expert's device when the experts carry loads n_e [..., E]."""

@@ -27,11 +27,20 @@ def softmax_importance(logits: torch.Tensor, candidates: torch.Tensor, weights: 
 
 @dataclass
 class BlockContext:
-    """What every MoE block of a model shares: the policy, and the latency view it decides on (set
-    once per forward by the simulator or the BS; None outside a cell)."""
+    """What every MoE block of a model shares: the policy, and the latency view it decides on —
+    ``view``, or, when the simulator or the BS set ``view_at``, the view of the cell at the time
+    each layer starts (``view_at(layer)``: the channel moves during a forward); None outside a
+    cell. ``on_select(layer, candidates [T, K], keep [T, K])``, when set, is told each layer's
+    selection before its experts are dispatched (the simulator counts real tokens with it: a
+    batch's padding is not work a BS would send)."""
 
     policy: Policy
     view: ExpertLatency | None = None
+    view_at: Callable[[int], ExpertLatency] | None = None
+    on_select: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+
+    def layer_view(self, layer: int) -> ExpertLatency | None:
+        return self.view if self.view_at is None else self.view_at(layer)
 
 
 @dataclass
@@ -102,8 +111,11 @@ class WirelessMoEBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
         route = self.route(x)
-        sel = self.context.policy.select(route, self.context.view)
+        sel = self.context.policy.select(route, self.context.layer_view(self.layer))
         check_selection(route, sel)
+        selected = sel.keep
+        if self.context.on_select is not None:
+            self.context.on_select(self.layer, route.candidates, selected)
         out, sel, failed = self.dispatch_and_combine(x, route, sel)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
@@ -119,6 +131,7 @@ class WirelessMoEBlock(nn.Module):
                     sel.keep,
                     sel.weights.detach(),
                     tuple(failed),
+                    selected if failed else None,
                 )
             )
         return out.reshape(hidden.shape)

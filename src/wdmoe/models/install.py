@@ -7,7 +7,7 @@ view of this forward, ``observe`` / ``begin_request`` tell the policy what a for
 when a request starts.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -94,6 +94,10 @@ class WirelessModel:
         """The latency view every block hands its policy: select(route, view)."""
         self.context.view = view
 
+    def set_view_source(self, view_at: Callable[[int], ExpertLatency] | None) -> None:
+        """Where every block gets its view when its layer starts (None: the view of ``set_view``)."""
+        self.context.view_at = view_at
+
     def observe(self, feedback: Feedback) -> None:
         """Tell the policy what the last forward cost; install the policy it returns."""
         self.context.policy = self.context.policy.observe(feedback)
@@ -120,6 +124,10 @@ class WirelessModel:
         finally:
             for h in handles:
                 h.remove()
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return next(iter(self.blocks.values())).dispatcher
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         for block in self.blocks.values():

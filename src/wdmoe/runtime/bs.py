@@ -3,11 +3,12 @@
 :class:`BaseStation` holds the model without its experts (embeddings, attention, routers, LM head,
 KV caches), the policy, the cell (its channel trace advancing with the clock, wrapping around) and
 the registered devices. It listens to every forward of the model (the same hooks the simulator
-uses): before one, it takes the cell's snapshot — the BS's estimate, the truth, the policy's
-latency view with each expert on its best live device — and hands it to the blocks and to its
-:class:`~wdmoe.runtime.dispatch.DeviceDispatcher`, which sends each layer's experts to the devices;
-after one, it prices the forward from its layers' prices (the simulator's pricing path), records
-the prediction against the measured time on the request, and tells the policy what it cost.
+uses): when each MoE layer starts, it takes the cell's snapshot at that moment — the BS's
+estimate, the truth, the policy's latency view with each expert on its best live device — and
+hands it to the layer's policy and to its :class:`~wdmoe.runtime.dispatch.DeviceDispatcher`, which
+sends the layer's experts to the devices; after a forward, it prices the forward from its layers'
+prices (the simulator's pricing path, calls settled by the same deadline rule), records the
+prediction against the measured time on the request, and tells the policy what it cost.
 
 Forwards run one at a time (a lock): several users' requests interleave token by token.
 Also here: :mod:`~wdmoe.runtime.books` (statistics, metrics log), :mod:`~wdmoe.runtime.links`
@@ -24,14 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from wdmoe.config import ModelConfig, ScenarioConfig, WireConfig
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.generate import generate
-from wdmoe.latency.cell import Cell, Csi
+from wdmoe.latency.cell import Cell, CellSnapshot, Csi
 from wdmoe.latency.pricing import Priced, forward_overheads, stack_layers
+from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.install import ForwardCall, WirelessModel
 from wdmoe.policies import make_policy
 from wdmoe.runtime import api
@@ -119,6 +122,7 @@ class BaseStation:
         self.dispatcher = DeviceDispatcher(s, self.scenario, self.registry, self.books, self.links, local)
         wm.set_policy(make_policy(s.policy, **dict(s.params)))
         wm.set_dispatcher(self.dispatcher)
+        wm.set_view_source(self.view_at)
         self.boot = secrets.token_hex(8)
         self.t0 = time.monotonic()
         self.forward_lock = threading.Lock()
@@ -134,13 +138,26 @@ class BaseStation:
         """Simulated cell time: wall seconds since start / time_scale."""
         return (time.monotonic() - self.t0) / self.settings.time_scale
 
-    def begin_forward(self, request: RequestStats | None) -> Forward:
-        """The cell's snapshot now, with each expert on its best live device; the forward it opens."""
+    def snapshot(self) -> tuple[CellSnapshot, np.ndarray]:
+        """The cell's snapshot now, with each expert on its best live device; one token's time per
+        slot on the BS's estimate (∞: the link is in outage)."""
         snap = self.cell.snapshot(self.sim_time_s())
         per_token = snap.per_token_s()
-        snap = snap.placed(self.registry.expert_slots(per_token))
         self.dispatcher.per_token_s = per_token
-        return Forward(request, snap, per_token)
+        return snap.placed(self.registry.expert_slots(per_token)), per_token
+
+    def begin_forward(self, request: RequestStats | None) -> Forward:
+        """The forward it opens on the cell now."""
+        return Forward(request, *self.snapshot())
+
+    def view_at(self, layer: int) -> ExpertLatency:
+        """The view a layer's policy decides on: the cell when the layer starts (the channel moves
+        during a forward); the layer's calls are priced and settled on the same snapshot."""
+        fwd = self.dispatcher.current
+        snap, per_token = self.snapshot()
+        if fwd is not None:
+            fwd.snap, fwd.per_token_s = snap, per_token
+        return snap.view
 
     def run_layer(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """One MoE layer's experts through the devices outside a model forward (tools, tests)."""
@@ -159,9 +176,7 @@ class BaseStation:
             request: RequestStats | None = getattr(self.thread, "request", None)
             if request is not None and request.context_tokens == 0:
                 self.wm.begin_request()
-            fwd = self.begin_forward(request)
-            self.wm.set_view(fwd.snap.view)
-            self.dispatcher.current = fwd
+            self.dispatcher.current = self.begin_forward(request)
         except BaseException:
             self.forward_lock.release()
             raise

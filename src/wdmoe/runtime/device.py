@@ -39,6 +39,7 @@ log = logging.getLogger("wdmoe.device")
 SERVICE = "wdmoe.Device"
 RUN_EXPERT = f"/{SERVICE}/RunExpert"
 
+
 class Refused(WdmoeError):
     """A request the device answers with a gRPC status instead of outputs."""
 

@@ -5,10 +5,12 @@ For every layer (``run``, called by the model's blocks inside a forward the BS o
    an expert that no usable device hosts is skipped: dropped up front, without waiting, and
    charged to its preferred host's books;
 2. the layer's device loads are priced by :func:`~wdmoe.latency.pricing.price_layer` — the
-   function the simulator prices with — on the forward's cell snapshot, and every call gets the
-   budget :meth:`RuntimeSettings.call_budgets_s` derives from the expected t_u;
+   function the simulator prices with — on the cell snapshot of the layer's own time, and every
+   call gets the budget the core's :class:`~wdmoe.latency.deadline.DeadlineRule` derives from the
+   expected t_u (the prediction settles the calls by the same rule);
 3. with link emulation each device's downlink and uplink wait out the message bytes at the rates
-   the *true* channel gives its share of the band;
+   the *true* channel gives its share of the band, and a link truly in outage carries nothing
+   (its call runs into its deadline);
 4. all devices are called at once (:class:`~wdmoe.runtime.links.Links`); an unreachable device is
    marked down and its experts retried on a live replica; every device message is judged (failures
    strike; too many in a row bench the device) and, in ``fallback`` mode, experts without an
@@ -32,7 +34,7 @@ from wdmoe.config import ScenarioConfig
 from wdmoe.errors import WdmoeError
 from wdmoe.latency import DeviceTimes, transfer_s
 from wdmoe.latency.cell import CellSnapshot
-from wdmoe.latency.pricing import Priced, price_layer
+from wdmoe.latency.pricing import Calls, Priced, price_layer
 from wdmoe.models.dispatch import Dispatcher
 from wdmoe.runtime.books import Books, RequestStats
 from wdmoe.runtime.links import Call, Links, inputs_of
@@ -85,9 +87,11 @@ class DeviceDispatcher:
         tokens = np.zeros(self.num_slots)
         for u, group in calls.items():
             tokens[u] = sum(len(c.hidden) for c in group)
-        priced = price_layer(fwd.snap.view, fwd.snap.true, self.allocator, tokens)
+        s, snap = self.settings, fwd.snap
+        calls_rule = Calls(s.deadline, snap.true_up, s.time_scale)
+        priced = price_layer(snap.view, snap.true, self.allocator, tokens, calls_rule)
         fwd.layers.append(priced)
-        budget = self.settings.call_budgets_s(priced.expected_s)
+        budget = s.time_scale * priced.budget_s  # wall seconds: DeadlineRule.budgets_s
         dl, ul = self.link_delays(calls, fwd, priced)
         self.links.fan_out(calls, dl, ul, budget)
         retries = self.fail_over(layer, fwd, calls, budget)
@@ -105,8 +109,14 @@ class DeviceDispatcher:
             if device is None:
                 owner = self.registry.preferred((layer, e), fwd.per_token_s)
                 nowhere = owner or DeviceEntry(-1, "", frozenset(), "", 0.0)
-                message = f"no usable device hosts layer {layer} expert {e}"
-                lost.append(Call(layer, e, x, nowhere, code="NO_DEVICE", message=message))
+                if any(self.registry.hosts((layer, e))):
+                    code, message = (
+                        "OUTAGE",
+                        f"every usable host of layer {layer} expert {e} is in link outage",
+                    )
+                else:
+                    code, message = "NO_DEVICE", f"no usable device hosts layer {layer} expert {e}"
+                lost.append(Call(layer, e, x, nowhere, code=code, message=message))
             else:
                 calls.setdefault(device.slot, []).append(Call(layer, e, x, device))
         return calls, lost
@@ -124,10 +134,10 @@ class DeviceDispatcher:
             bytes_dl[u] = self.links.message_bytes(group, KIND_REQUEST)
             bytes_ul[u] = self.links.message_bytes(group, KIND_RESPONSE)
         band, true, scale = priced.bandwidth_hz, fwd.snap.true, self.settings.time_scale
-        return (
-            scale * transfer_s(8 * bytes_dl, true.dl.rate_bps(band)),
-            scale * transfer_s(8 * bytes_ul, true.ul.rate_bps(band)),
-        )
+        dl = scale * transfer_s(8 * bytes_dl, true.dl.rate_bps(band))
+        # a link truly in outage carries nothing: its call runs into its deadline
+        never = scale * priced.budget_s + 1.0
+        return np.where(fwd.snap.true_up, dl, never), scale * transfer_s(8 * bytes_ul, true.ul.rate_bps(band))
 
     def fail_over(
         self, layer: int, fwd: Forward, calls: dict[int, list[Call]], budget: np.ndarray

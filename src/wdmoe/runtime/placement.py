@@ -16,6 +16,7 @@ device that keeps failing its calls (``bench_after`` in a row, typically deadlin
 (``due_probes``) and ``probe_result`` readmits it or benches it again.
 """
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -196,8 +197,9 @@ class DeviceRegistry:
         return [d for d in self.devices.values() if key in d.experts and self.usable(d, now)]
 
     def choose(self, key: ExpertKey, per_token_s: Any) -> DeviceEntry | None:
-        """The usable host of ``key`` whose slot serves one token fastest (``per_token_s`` [U])."""
-        hosts = self.hosts(key)
+        """The usable host of ``key`` whose slot serves one token fastest (``per_token_s`` [U]; ∞:
+        the BS cannot reach the slot, its link is in outage)."""
+        hosts = [d for d in self.hosts(key) if math.isfinite(per_token_s[d.slot])]
         return min(hosts, key=lambda d: (per_token_s[d.slot], d.slot)) if hosts else None
 
     def expert_slots(self, per_token_s: Any) -> list[int]:

@@ -1,5 +1,6 @@
-"""How the BS treats devices, links and users: one typed, validated value, and the deadline rule it
-sets for every device call (no I/O)."""
+"""How the BS treats devices, links and users: one typed, validated value (no I/O). The deadline
+rule it sets for every device call is the core's (:class:`~wdmoe.latency.deadline.DeadlineRule`),
+the one the simulator settles its calls with."""
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -8,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from wdmoe.config import check_choice, check_range
+from wdmoe.latency.deadline import MODES, DeadlineRule
 from wdmoe.runtime.wire import DTYPES
 
-MODES = ("wait", "drop", "fallback")
+__all__ = ["MODES", "WIRE_DTYPES", "RuntimeSettings"]
 WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values() if d.is_floating_point}
 
 
@@ -49,11 +51,8 @@ class RuntimeSettings:
     trace_blocks: int = 20000
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, MODES)
+        DeadlineRule(self.mode, self.slack, self.grace_s, self.max_wait_s)  # validates them
         check_choice("wire_dtype", self.wire_dtype, sorted(WIRE_DTYPES))
-        check_range("slack", self.slack, 1.0, 1e6)
-        check_range("grace_s", self.grace_s, 0.0, 3600.0)
-        check_range("max_wait_s", self.max_wait_s, 0.0, 86400.0, lo_open=True)
         check_range("time_scale", self.time_scale, 0.0, 1e6, lo_open=True)
         check_range("heartbeat_s", self.heartbeat_s, 0.01, 3600.0)
         check_range("bench_after", self.bench_after, 1, 1e6)
@@ -62,11 +61,12 @@ class RuntimeSettings:
         check_range("max_queue", self.max_queue, 0, 1e6)
         check_range("trace_blocks", self.trace_blocks, 1, 1e8)
 
+    @property
+    def deadline(self) -> DeadlineRule:
+        """The deadline rule of every device call (the simulator's too)."""
+        return DeadlineRule(self.mode, self.slack, self.grace_s, self.max_wait_s)
+
     def call_budgets_s(self, expected_s: Any) -> np.ndarray:
-        """The wall seconds each device call [U] may take: time_scale·slack·t_u(estimate) + grace,
-        capped at max_wait_s (``wait`` mode, or an unpriceable t_u: max_wait_s)."""
-        with np.errstate(invalid="ignore"):
-            scaled = self.time_scale * self.slack * np.asarray(expected_s) + self.grace_s
-            budget = np.minimum(scaled, self.max_wait_s)
-        budget = np.where(np.isfinite(budget), budget, self.max_wait_s)
-        return np.full_like(budget, self.max_wait_s) if self.mode == "wait" else budget
+        """The wall seconds each device call [U] may take (:meth:`DeadlineRule.budgets_s` at this
+        BS's time scale)."""
+        return self.deadline.budgets_s(expected_s, self.time_scale)

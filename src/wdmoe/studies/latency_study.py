@@ -9,8 +9,10 @@ reads the recorded layer l mod L_src, the router's top-2 come from those logits 
 :func:`wdmoe.latency.pricing.price_forward` prices the loads on the true channel with the allocator's
 split. Request i arrives at i·Δ (Δ = 1 s by default, far beyond the fading's coherence time) on
 the seed's channel trace, whatever the policy: each request meets the same channel under every
-policy and allocator (paired), and its whole prefill sees one fading block, as a forward does in
-:class:`wdmoe.simulate.Simulation`.
+policy and allocator (paired). The study prices its whole prefill on the fading block of its
+arrival (the simulator moves the channel layer by layer; this study has no model to run layer
+by layer); experts on devices the BS sees in outage are skipped and calls are settled by the
+runtime's deadline rule (defaults), as in :class:`wdmoe.simulate.Simulation`.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -35,10 +37,11 @@ from wdmoe.eval.tasks import (
     get_task,
 )
 from wdmoe.latency.cell import Cell, CellSnapshot
-from wdmoe.latency.pricing import price_forward
+from wdmoe.latency.deadline import DeadlineRule
+from wdmoe.latency.pricing import Calls, price_forward
+from wdmoe.loads import expert_loads
 from wdmoe.models.install import WirelessModel
 from wdmoe.policies import Policy, make_policy
-from wdmoe.simulate import expert_loads
 from wdmoe.types import LayerTrace, RouterOutput
 
 RouterSample = list[torch.Tensor]  # one prompt: router logits [T, E] per MoE layer of the source model
@@ -143,11 +146,15 @@ def price_request(
         route = mixtral_route(logits, m.top_k)
         sel = policy.select(route, snap.view)
         traces.append(LayerTrace(layer, logits, route.candidates, sel.keep, sel.weights))
-    kept, dropped, mass = expert_loads(traces, m.num_experts)
-    tokens = int(sample[0].shape[0])
-    loads = snap.view.device_tokens(kept)
-    total = float(price_forward(snap.view, snap.true, allocator, scenario, loads, tokens, 0).latency.total_s)
-    return RequestCost(total, mass, float(kept.sum()), float(dropped.sum()), tokens)
+    loads = expert_loads(traces, m.num_experts)
+    view, tokens = snap.view, int(sample[0].shape[0])
+    reach = np.ones(view.channel.num_devices, dtype=bool) if view.up is None else view.up
+    kept = np.where(reach[view.placement], loads.kept[0], 0.0)  # experts the BS cannot reach: skipped
+    dropped = loads.dropped[0].sum() + (loads.kept[0] - kept).sum()
+    calls = Calls(DeadlineRule(), snap.true_up)
+    args = (scenario, view.device_tokens(kept), tokens, 0, calls)
+    total = float(price_forward(view, snap.true, allocator, *args).latency.total_s)
+    return RequestCost(total, loads.mass[0], float(kept.sum()), float(dropped), tokens)
 
 
 @contextmanager

@@ -8,12 +8,12 @@ scenario with its overrides, and which items (limit, data folder).
 
 Latency per request: multiple-choice, WinoGrande, LAMBADA and perplexity scorers batch many
 sequences into one forward; every row (one context + continuation, without padding) is accounted
-as its own prefill request (``SimSettings.split_rows``), so the batch size never changes the
-latency. Generation tasks run one request at a time: a prefill, then one decode step per token.
+as its own prefill request (``SimSettings.split_rows``) on the channel its batch met, layer by
+layer. Generation tasks run one request at a time: a prefill, then one decode step per token.
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,8 @@ class EvalPoint:
             },
             "allocator": self.sim.allocator,
             "csi": {"delay_blocks": self.sim.csi_delay_blocks, "error_std_db": self.sim.csi_error_std_db},
+            "deadline": asdict(self.sim.deadline),
+            "channel_moves": self.sim.channel_moves,
             "seeds": {"channel": self.sim.seed},
         }
 
