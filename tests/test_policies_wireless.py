@@ -159,6 +159,10 @@ def test_noisy_and_stale_csi_are_seeded_and_sized():
     assert stale.snapshot(1.5 * block_s).estimate.time_s == 0.0
     wrapped = Cell(CFG, 5, seed=1, csi=Csi(delay_blocks=3), wrap=True)
     assert wrapped.snapshot(1.5 * block_s).estimate.time_s == trace.state(3).time_s
+    perfect = Cell(CFG, 5, seed=1)  # at any time (block edges included) the BS knows the truth
+    for t in np.linspace(0.0, 4.99 * block_s, 97):
+        snap = perfect.snapshot(t)
+        assert snap.estimate.time_s == snap.true.time_s, t
     noisy = Cell(CFG, 5, seed=1, csi=Csi(error_std_db=3.0))
     again = Cell(CFG, 5, seed=1, csi=Csi(error_std_db=3.0))  # one draw per block: same estimate
     first, second = noisy.snapshot(2.5 * block_s).estimate, again.snapshot(2.5 * block_s).estimate

@@ -90,7 +90,9 @@ class Cell:
     def estimate_block(self, time_s: float) -> int:
         """The block the BS's estimate at time t describes: the one of its last refresh (every
         ``csi_period_s``), ``delay_blocks`` blocks late (clipped at 0, or wrapped)."""
-        refreshed = self.block(np.floor(time_s / self.csi_period_s) * self.csi_period_s)
+        refresh_s = np.floor(time_s / self.csi_period_s) * self.csi_period_s
+        # the block holding the refresh instant (k·period can land a hair below a block boundary)
+        refreshed = min(self.block(refresh_s + 1e-9 * self.trace.block_s), self.block(time_s))
         b = refreshed - self.csi.delay_blocks
         return b % self.trace.num_blocks if self.wrap else max(b, 0)
 
