@@ -1,7 +1,9 @@
-"""`wdmoe generate` on tiny local checkpoints, and a clear error for each bad input."""
+"""`wdmoe generate` on tiny local checkpoints, and a clear error for each bad input; the demo's
+per-device table on made-up records."""
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -71,3 +73,61 @@ def test_unsupported_checkpoint_is_named(tmp_path):
 def test_folder_without_config_is_named(tmp_path):
     res = run("generate", "hi", "--model", tmp_path)
     assert res.exit_code == 2 and "has no config.json" in res.stderr
+
+
+# --- wdmoe demo: the per-device table -----------------------------------------------------------
+
+
+def step(phase, down, lost, late, layers=2, experts=8):
+    """A made-up StepRecord: link_down / cut_down / cut_late [L, U] as given, one token per expert,
+    11 ms per layer."""
+    from wdmoe.simulate import StepRecord
+
+    devices = len(down[0])
+    per_device, per_expert = np.zeros((layers, devices)), np.zeros((layers, experts))
+    names = ("device_tokens", "device_dropped", "downlink_s", "compute_s", "uplink_s", "skipped_tokens")
+    zero = dict.fromkeys(names, per_device)
+    return StepRecord(
+        phase=phase,
+        start_s=0.0,
+        new_tokens=1,
+        expert_tokens=per_expert + 1,
+        dropped_tokens=per_expert,
+        retained_mass=1.0,
+        snr_db_dl=np.zeros(devices),
+        snr_db_ul=np.zeros(devices),
+        waiting_s=np.full(layers, 0.01),
+        bs_s=np.full(layers, 0.001),
+        head_s=0.0,
+        link_down=np.asarray(down, dtype=bool),
+        cut_late=np.asarray(late, dtype=bool),
+        cut_down=np.asarray(lost, dtype=bool),
+        **zero,
+    )
+
+
+def test_demo_device_table_shows_each_links_outage(capsys, monkeypatch):
+    from wdmoe.cli.demo import print_demo_summary
+    from wdmoe.config import load_scenario
+    from wdmoe.studies.demo import summarise
+
+    cfg = load_scenario("paper", ["model=smollm2-moe8"])
+    u = cfg.cell.num_devices
+    up, down = [0] * u, [1] + [0] * (u - 1)
+    late = [0, 1] + [0] * (u - 2)
+    records = [
+        step("prefill", [down, up], [down, up], [up, late]),
+        step("decode", [up, up], [up, up], [up, up]),
+    ]
+    runs = [summarise("topk", ["a"], records, 2.0), summarise("wdmoe-0.1", ["b"], records[:1], 1.5)]
+    assert runs[0].down_per_device[:2] == (0.25, 0.0) and runs[0].lost_per_device[:2] == (1, 0)
+    assert runs[0].late_per_device[:2] == (0, 1) and runs[1].down_per_device[0] == 0.5
+    monkeypatch.setenv("COLUMNS", "300")
+    print_demo_summary(runs, cfg, 0)
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    assert "topk outage" in out and "wdmoe-0.1 outage" in out and "calls lost to outage / cut late" in flat
+    device0 = next(line for line in out.splitlines() if line.strip(" │").startswith("0 "))
+    assert "25.0 % down · 1 / 0" in device0 and "50.0 % down · 1 / 0" in device0
+    device1 = next(line for line in out.splitlines() if line.strip(" │").startswith("1 "))
+    assert "0.0 % down · 0 / 1" in device1

@@ -3,6 +3,7 @@
 
 import inspect
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from wdmoe.eval.tasks import default_data_dir
 from wdmoe.policies import make_policy
 from wdmoe.studies.latency_study import mixtral_route, price_requests, run_study
 from wdmoe.studies.report import (
+    NOTES,
     PLOT_NAMES,
     baseline,
     compare,
@@ -28,17 +30,31 @@ from wdmoe.studies.report import (
     make_rows,
     pareto_front,
     policy_label,
+    render_tables,
+    tail_note,
     write_report,
 )
-from wdmoe.studies.reproduce import ReproduceSettings, command_line
+from wdmoe.studies.report.plots import device_panel
+from wdmoe.studies.reproduce import Outcome, ReproduceSettings, command_line, plan, point_label
 
 runner = CliRunner()
 DATA = default_data_dir()
 L, U = 3, 4
 
 
+NO_OUTAGE = {
+    "outage_requests": 0.0,
+    "late_requests": 0.0,
+    "lost_calls": 0.0,
+    "late_calls": 0.0,
+    "link_down_rate": 0.0,
+    "per_device_outage": {name: [0.0] * U for name in ("link_down", "cut_down", "cut_late", "skipped")},
+}
+
+
 def record(task="arc_easy", policy="topk", params=None, allocator="equal", seed=0, acc=0.5, mean_s=1.0, **kw):
-    """A record of the `wdmoe eval` schema with made-up numbers."""
+    """A record of the `wdmoe eval` schema with made-up numbers; ``outage``: the outage fields of
+    its latency (None: an older record without them)."""
     overrides = kw.get("overrides", ["model=smollm2-moe8"])
     config = {
         "model": "default",
@@ -55,7 +71,7 @@ def record(task="arc_easy", policy="topk", params=None, allocator="equal", seed=
         "requests": 40,
         "steps": 40,
         "mean_s": mean_s,
-        "p50_s": 0.9 * mean_s,
+        "p50_s": kw.get("p50_s", 0.9 * mean_s),
         "p95_s": 1.5 * mean_s,
         "p99_s": 1.8 * mean_s,
         "ttft_s": mean_s,
@@ -78,6 +94,10 @@ def record(task="arc_easy", policy="topk", params=None, allocator="equal", seed=
     }
     if "per_request_s" in kw:  # proposed for latency_summary: every request's latency, for CDFs
         latency["per_request_s"] = kw["per_request_s"]
+    outage = kw.get("outage", NO_OUTAGE)
+    if outage is not None:
+        latency.update(outage)
+        config.update({"deadline": {"mode": "drop", "slack": 3.0, "grace_s": 0.25}, "channel_moves": True})
     key = f"{task}-{policy}-{json.dumps(params)}-{allocator}-{seed}-{overrides}"
     return {
         "key": key,
@@ -220,6 +240,103 @@ def test_report_cli_writes_the_report_and_prints_a_summary(tmp_path):
     assert "4.00×" in res.stderr  # arc_easy's fastest: wdmoe at 1e7 Hz, 8 s → 2 s
 
 
+# --- outage columns and heavy-tail notes --------------------------------------------------------
+
+
+def outage(requests, late=0.0, link_down=(0.0,) * U):
+    return {
+        **NO_OUTAGE,
+        "outage_requests": requests,
+        "late_requests": late,
+        "lost_calls": 2 * requests,
+        "late_calls": late,
+        "link_down_rate": float(np.mean(link_down)),
+        "per_device_outage": {**NO_OUTAGE["per_device_outage"], "link_down": list(link_down)},
+    }
+
+
+def cells_of(text, start, allocator="equal"):
+    line = next(x for x in text.splitlines() if x.startswith(f"| {start}") and f"| {allocator} |" in x)
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_tables_show_outage_and_late_requests_and_a_dash_for_older_records():
+    records = [
+        record(mean_s=2.0, outage=outage(0.125, late=0.05)),
+        record(policy="wdmoe", params=WD, outage=outage(0.0)),
+        record(allocator="minmax", outage=None),  # written before outage was simulated
+    ]
+    rows = make_rows(records)
+    text = render_tables(rows)
+    assert "| outage req % | late req % |" in text
+    assert cells_of(text, "topk")[-2:] == ["12.5", "5.0"]
+    assert cells_of(text, "wdmoe")[-2:] == ["0.0", "0.0"]
+    assert cells_of(text, "topk", "minmax")[-2:] == ["–", "–"]
+    old = row_of(rows, allocator="minmax")
+    assert old.outage_requests is None and old.per_device_outage == {} and tail_note(old) is None
+    notes = " ".join(NOTES.split())
+    assert "Outage and deadlines" in notes and "3GPP TS 38.214" in notes and "deadline" in notes
+
+
+def test_outage_is_averaged_over_seeds_and_unknown_when_a_seed_lacks_it():
+    both = make_rows([record(seed=0, outage=outage(0.1)), record(seed=1, outage=outage(0.3))])[0]
+    assert both.outage_requests == pytest.approx(0.2) and both.per_device_outage["link_down"] == (0.0,) * U
+    partial = record(seed=1)
+    del partial["latency"]["outage_requests"], partial["latency"]["per_device_outage"]
+    mixed = make_rows([record(seed=0, outage=outage(0.1)), partial])[0]
+    assert mixed.outage_requests is None and mixed.per_device_outage["link_down"] == ()
+
+
+def test_heavy_tailed_rows_get_a_note_naming_their_outage_or_their_numbers():
+    tail = {"mean_s": 4.2, "p50_s": 1.0}
+    records = [
+        record(policy="wdmoe", params=WD, **tail, outage=outage(0.12, link_down=(0.01, 0.02, 0.09, 0.03))),
+        record(**tail, per_request_s=[1.0, 1.0, 0.9, 14.0], outage=outage(0.0, late=0.25)),  # no outage
+        record(policy="wdmoe", params=WD, allocator="minmax", mean_s=2.0, p50_s=1.0),  # ratio 2: no note
+        record(allocator="minmax", **tail, outage=None),  # an older record: outage unknown
+    ]
+    rows = make_rows(records)
+    wd, top = row_of(rows, policy="wdmoe"), row_of(rows)
+    assert tail_note(wd) == (
+        "wdmoe θ=0.2 k-scaled · equal: mean/p50 = 4.2 — 12 % of requests lost an expert to outage; "
+        "device 2's link was down 9.0 % of the time"
+    )
+    assert tail_note(top) == (
+        "topk · equal: mean/p50 = 4.2 — heavy tail without outage: p50 1 s, p95 6.3 s, p99 7.56 s, "
+        "slowest 14 s of 4 requests; 25 % of requests had a call cut late; device 0 takes longest "
+        "(1.89 s per request, Σ layers)"
+    )
+    assert tail_note(row_of(rows, policy="wdmoe", allocator="minmax")) is None
+    assert "outage not recorded (an older record): p50 1 s" in tail_note(row_of(rows, allocator="minmax"))
+    text = render_tables(rows + make_rows([record(task="piqa")]))
+    arc, piqa = text.split("### piqa")
+    table_end = arc.rindex("|")
+    notes = arc[table_end:]
+    assert "Heavy tails (mean/p50 > 3):" in notes and f"- {tail_note(wd)}" in notes
+    assert f"- {tail_note(top)}" in notes and notes.count("\n- ") == 3
+    assert "Heavy tails" not in piqa
+
+
+def test_device_panels_have_their_own_axes_a_log_scale_for_one_slow_device_and_link_outage():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slow = record(outage=outage(0.2, link_down=(0.0, 0.0, 0.25, 0.0)))
+    slow["latency"]["per_device"]["uplink_s"] = [0.1, 0.1, 250.0, 0.1]  # one device deep in a fade
+    rows = make_rows([slow, record(allocator="minmax", outage=None), record(task="piqa", mean_s=3.0)])
+    fig, axes = plt.subplots(1, 3)
+    for i, (ax, row) in enumerate(zip(axes, rows, strict=True)):
+        device_panel(ax, row, row.label(), legend=i == 0)
+    assert axes[0].get_yscale() == "log" and axes[1].get_yscale() == "linear"
+    twins = [a for a in fig.axes if a not in axes]
+    assert len(twins) == 2  # no outage markers for the older record
+    assert twins[0].lines[0].get_ydata().tolist() == pytest.approx([0.0, 0.0, 25.0, 0.0])
+    assert "link down %" in [t.get_text() for t in axes[0].get_legend().get_texts()]
+    plt.close(fig)
+
+
 # --- the Mixtral latency study ------------------------------------------------------------------
 
 
@@ -291,6 +408,7 @@ def test_cli_defaults_match_the_settings_defaults():
     params = inspect.signature(reproduce_cmd).parameters
     d = ReproduceSettings()
     assert params["limit"].default == str(d.limit) and params["gsm8k_limit"].default == str(d.gsm8k_limit)
+    assert tuple(map(int, params["seeds"].default.split(","))) == d.seeds and d.task_limits == ()
     assert params["max_new_tokens"].default == d.max_new_tokens
     assert params["tasks"].default == ",".join(d.tasks)
     assert tuple(map(float, params["thetas"].default.split(","))) == d.thetas
@@ -302,8 +420,82 @@ def test_command_line_names_what_differs_from_the_defaults(tmp_path):
     assert command_line(s) == (
         "wdmoe reproduce --limit all --gsm8k-limit 2 --tasks arc_easy --set cell.bandwidth_hz=1e7"
     )
+    s = ReproduceSettings(tasks=("boolq", "gsm8k"), seeds=(0, 1, 2), task_limits=(("boolq", 100),))
+    assert command_line(s) == (
+        "wdmoe reproduce --limit 20 --gsm8k-limit 2 --task-limit boolq=100 --tasks boolq,gsm8k --seeds 0,1,2"
+    )
     with pytest.raises(ConfigError, match="--thetas"):
         ReproduceSettings(thetas=(0.0,))
+
+
+def captured_settings(monkeypatch, argv):
+    """The ReproduceSettings `wdmoe reproduce ARGV` would run (nothing runs)."""
+    import wdmoe.studies.reproduce as reproduce_module
+
+    seen = []
+    monkeypatch.setattr(reproduce_module, "reproduce", lambda s, *_: seen.append(s) or Outcome())
+    res = runner.invoke(app, ["reproduce", *map(str, argv)])
+    assert res.exit_code == 0, res.output
+    return seen[0]
+
+
+def test_command_line_round_trips_through_the_cli(monkeypatch, tmp_path):
+    settings = ReproduceSettings(
+        tasks=("arc_easy", "boolq", "gsm8k"),
+        thetas=(0.05, 0.3),
+        allocators=("minmax",),
+        k_scaled=False,
+        overrides=("cell.bandwidth_hz=1e7", "channel.fading=none"),
+        seeds=(3, 1),
+        limit=None,
+        task_limits=(("boolq", 100), ("gsm8k", 5)),
+        out_dir=tmp_path / "out dir",
+        data_dir=tmp_path,
+        batch_size=4,
+        study_prompts=0,
+        study_thetas=(0.2,),
+    )
+    argv = shlex.split(command_line(settings))
+    assert argv[:2] == ["wdmoe", "reproduce"]
+    assert captured_settings(monkeypatch, argv[2:]) == settings
+    assert captured_settings(monkeypatch, []) == ReproduceSettings()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0,x"], "--seeds = '0,x' is not a comma-separated list of integers"),
+        (["--seeds", "1,1"], "--seeds = [1, 1] is invalid; allowed: distinct integers ≥ 0"),
+        (["--seeds", ""], "--seeds = [] is invalid"),
+        (["--task-limit", "boolq"], "--task-limit 'boolq' is malformed; allowed: TASK=ITEMS"),
+        (["--task-limit", "boolq=many"], "--task-limit 'boolq=many': 'many' is not a whole number"),
+        (["--task-limit", "bolq=100"], "--task-limit bolq=100: 'bolq' is not one of --tasks"),
+        (["--task-limit", "boolq=0"], "--task-limit boolq=0: 0 items is out of range"),
+        (["--task-limit", "boolq=1", "--task-limit", "boolq=2"], "--task-limit names 'boolq' twice"),
+    ],
+)
+def test_bad_seeds_and_task_limits_give_clear_errors(args, message):
+    res = runner.invoke(app, ["reproduce", *args])
+    assert res.exit_code == 2 and message in " ".join(res.stderr.split())
+    assert "Traceback" not in res.output
+
+
+def test_plan_runs_seed_then_task_then_allocator_then_policy():
+    s = ReproduceSettings(
+        tasks=("arc_easy", "gsm8k"), thetas=(0.2,), seeds=(5, 1), task_limits=(("gsm8k", 7),), limit=3
+    )
+    order = [(p.sim.seed, task, p.sim.allocator, p.policy.name) for task, p in plan(s)]
+    assert order == [
+        (seed, task, allocator, policy)
+        for seed in (5, 1)
+        for task in ("arc_easy", "gsm8k")
+        for allocator in ("equal", "minmax")
+        for policy in ("topk", "wdmoe")
+    ]
+    limits = {task: p.limit for task, p in plan(s)}
+    assert limits == {"arc_easy": 3, "gsm8k": 7}
+    assert s.limit_for("piqa") == 3 and ReproduceSettings().limit_for("gsm8k") == 2
+    assert point_label("arc_easy", plan(s)[-1][1], 2) == "arc_easy · wdmoe θ=0.2 k-scaled · minmax · seed 1"
 
 
 @pytest.mark.skipif(not (DATA / "arc_easy.jsonl").is_file(), reason=f"benchmark data {DATA} missing")
@@ -311,21 +503,37 @@ def test_reproduce_on_a_tiny_model_writes_results_readme_and_plots(tmp_path):
     ckpt = save_tiny_checkpoint("mixtral", tmp_path / "ckpt")
     out = tmp_path / "repro"
     args = ["reproduce", "--model", ckpt, "--tasks", "arc_easy,piqa", "--limit", 2, "--thetas", "0.2,0.45"]
+    args += ["--seeds", "0,1", "--allocators", "equal", "--task-limit", "piqa=1"]
     args += ["--study-prompts", 2, "--study-thetas", "0.3", "--out-dir", out, "--data-dir", DATA]
     for override in TINY:
         args += ["--set", override]
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     records = read_records(out / "results.jsonl")
-    assert len(records) == 2 * 2 * 3  # tasks × allocators × (topk + 2 θ)
+    assert len(records) == 2 * 2 * 3  # seeds × tasks × (topk + 2 θ)
+    order = [(r["config"]["seeds"]["channel"], r["task"]) for r in records]
+    assert order == [(seed, task) for seed in (0, 1) for task in ("arc_easy", "piqa") for _ in range(3)]
     assert {r["config"]["policy"]["params"].get("theta") for r in records} == {None, 0.2, 0.45}
+    assert {r["task"]: r["n"] for r in records} == {"arc_easy": 2, "piqa": 1}
+    assert all("outage_requests" in r["latency"] and r["config"]["channel_moves"] for r in records)
     readme = (out / "README.md").read_text()
+    flat = " ".join(readme.split())
     assert (
-        "wdmoe reproduce --limit 2 --gsm8k-limit 2 --tasks arc_easy,piqa --thetas 0.2,0.45" in readme
+        "wdmoe reproduce --limit 2 --gsm8k-limit 2 --task-limit piqa=1 --tasks arc_easy,piqa "
+        "--thetas 0.2,0.45 --allocators equal"
+        in readme
+        and "--seeds 0,1" in readme
         and "--set model.num_layers=2" in readme
     )
+    assert "channel seeds 0, 1 (a row averages its seeds; the latency study uses seed 0)" in flat
+    assert "2 items per task (piqa: 1)" in flat
+    assert "below 0.1523 bit/s/Hz" in flat and "3GPP TS 38.214 Table 5.2.2.1-2" in flat
+    assert "slack·t̂ + grace = 3·t̂ + 0.25 s" in flat and "mode `drop`" in flat
+    assert "The channel moves layer by layer" in flat
     assert "### arc_easy" in readme and "### piqa" in readme and "## Mixtral-8x7B latency study" in readme
-    assert "| wdmoe θ=0.3 | minmax |" in readme and "| arc_easy | 6 | 2 |" in readme
+    assert "| 0,1 (×2) |" in readme and "| outage req % | late req % |" in readme
+    assert "| wdmoe θ=0.3 | equal |" in readme and "| arc_easy | 6 | 2 |" in readme
+    assert "| piqa | 6 | 1 |" in readme and "Channel seed 0." in readme
     assert len(read_records(out / "timings.jsonl")) == 12
     assert json.loads((out / "mixtral_latency.json").read_text())["rows"][0]["policy"] == "topk"
     for name in PLOT_NAMES:

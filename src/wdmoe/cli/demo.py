@@ -1,13 +1,16 @@
 """``wdmoe demo``: the main job, vanilla top-k against WDMoE-θ side by side (thin; the run is in
 wdmoe.studies.demo)."""
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from wdmoe.cli.common import BuildProgress, err, fail, quiet_transformers, stream_to_stdout
 from wdmoe.errors import WdmoeError
+
+if TYPE_CHECKING:
+    from wdmoe.studies.demo import RunSummary
 
 
 def demo(
@@ -66,7 +69,7 @@ def demo(
     print_demo_summary(summaries, cfg, seed)
 
 
-def print_demo_summary(summaries: list, cfg: Any, seed: int) -> None:
+def print_demo_summary(summaries: list["RunSummary"], cfg: Any, seed: int) -> None:
     """Latency of each policy, the speed-up, and which devices were dropped and why."""
     from rich.table import Table
 
@@ -90,17 +93,30 @@ def print_demo_summary(summaries: list, cfg: Any, seed: int) -> None:
     out.print(table)
     state = generate_trace(cfg, 1, seed).state(0)
     classes = devices_for(cfg.cell.device_classes, cfg.cell.num_devices)
-    drops = Table(title="dropped expert-token pairs per device, and the device's channel at t = 0")
-    for col in ("device", "class", "d (m)", "rate DL/UL (Mb/s at B/U)", *(s.policy for s in summaries)):
+    drops = Table(
+        title="per device: channel at t = 0, dropped expert-token pairs, outage (link down % of "
+        "layer times · calls lost to outage / cut late)"
+    )
+    columns = ["device", "class", "d (m)", "rate DL/UL (Mb/s at B/U)"]
+    for s in summaries:
+        columns += [f"{s.policy} drops", f"{s.policy} outage"]
+    for col in columns:
         drops.add_column(col, justify="right")
     share = state.equal_share_hz()
     for u in range(cfg.cell.num_devices):
         rate = f"{state.dl.rate_bps(share)[u] / 1e6:.1f} / {state.ul.rate_bps(share)[u] / 1e6:.1f}"
-        drops.add_row(
-            str(u),
-            classes[u].name,
-            f"{state.distance_m[u]:.0f}",
-            rate,
-            *(f"{s.drops_per_device[u]:.0f}" for s in summaries),
-        )
+        cells = [str(u), classes[u].name, f"{state.distance_m[u]:.0f}", rate]
+        for s in summaries:
+            cells += [f"{s.drops_per_device[u]:.0f}", outage_cell(s, u)]
+        drops.add_row(*cells)
     out.print(drops)
+
+
+def outage_cell(summary: "RunSummary", u: int) -> str:
+    """``12.0 % down · 3 / 1``: device u's link-down share, calls lost / cut late ("–": unknown)."""
+    if not summary.down_per_device:
+        return "–"
+    return (
+        f"{summary.down_per_device[u] * 100:.1f} % down · "
+        f"{summary.lost_per_device[u]} / {summary.late_per_device[u]}"
+    )

@@ -47,11 +47,17 @@ def report_cmd(
     err.print(f"wrote [bold]{report.markdown}[/] ({len(report.rows)} rows) and {len(report.plots)} plots")
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
+def _numbers(text: str, option: str, kind: type[int] | type[float]) -> tuple:
+    """``"0,1,2"`` → (0, 1, 2) of ``kind``; anything else exits naming the option and the text."""
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError as e:
-        raise fail(ValueError(f"{option} = {text!r} is not a comma-separated list of numbers")) from e
+        what = "integers" if kind is int else "numbers"
+        raise fail(ValueError(f"{option} = {text!r} is not a comma-separated list of {what}")) from e
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    return _numbers(text, option, float)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -95,7 +101,13 @@ def reproduce_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a scenario field: a.b=value.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Channel trace seed.")] = 0,
+    seeds: Annotated[
+        str, typer.Option(help="Channel trace seeds, comma-separated (rows average them).")
+    ] = "0",
+    task_limit: Annotated[
+        list[str] | None,
+        typer.Option(help="TASK=ITEMS: items of one task, instead of --limit (repeatable)."),
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Folder of the benchmark JSONL files (default: $WDMOE_DATA).")
     ] = None,
@@ -116,7 +128,7 @@ def reproduce_cmd(
     import torch
 
     from wdmoe.studies.report import make_rows
-    from wdmoe.studies.reproduce import ReproduceSettings, reproduce
+    from wdmoe.studies.reproduce import ReproduceSettings, parse_task_limit, reproduce
     from wdmoe.studies.runner import Evaluator
 
     quiet_transformers()
@@ -132,8 +144,9 @@ def reproduce_cmd(
             model=model,
             scenario=scenario,
             overrides=tuple(set_ or ()),
-            seed=seed,
+            seeds=_numbers(seeds, "--seeds", int),
             limit=_limit(limit, "--limit"),
+            task_limits=tuple(parse_task_limit(t) for t in task_limit or ()),
             gsm8k_limit=_limit(gsm8k_limit, "--gsm8k-limit"),
             max_new_tokens=max_new_tokens,
             out_dir=out_dir,

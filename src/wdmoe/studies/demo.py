@@ -29,6 +29,9 @@ class RunSummary:
     total_s: float  # simulated end-to-end time of all answers
     drops_per_device: tuple[float, ...]  # dropped candidate tokens per device, all layers and steps
     experts_per_token: float
+    down_per_device: tuple[float, ...] = ()  # share of (step, layer) times the device's link was down
+    lost_per_device: tuple[int, ...] = ()  # calls lost to its link in outage, all layers and steps
+    late_per_device: tuple[int, ...] = ()  # calls cut at their deadline, all layers and steps
 
 
 def summarise(
@@ -37,6 +40,9 @@ def summarise(
     prefill = [r.total_s for r in records if r.phase == "prefill"]
     decode = [r.total_s for r in records if r.phase == "decode"]
     drops = np.sum([r.dropped_tokens.sum(0) for r in records], axis=0)
+    down = np.mean(np.concatenate([r.link_down for r in records]), axis=0)
+    lost = np.sum([r.cut_down.sum(0) for r in records], axis=0)
+    late = np.sum([r.cut_late.sum(0) for r in records], axis=0)
     return RunSummary(
         policy,
         tuple(texts),
@@ -45,6 +51,9 @@ def summarise(
         float(sum(r.total_s for r in records)),
         tuple(float(d) for d in drops),
         experts_per_token,
+        tuple(float(d) for d in down),
+        tuple(int(n) for n in lost),
+        tuple(int(n) for n in late),
     )
 
 

@@ -1,10 +1,12 @@
 """`wdmoe reproduce`: the paper-style comparison, end to end, into a folder of Markdown and plots.
 
-For each task (ARC-Easy, PIQA, WinoGrande, BoolQ, ARC-Challenge, GSM8K by default), each
-allocator (equal, minmax) and each policy — vanilla ``topk`` and WDMoE-θ for every θ (k-scaled by
-default: θ·2/k, so θ means for the default model's k = 7 what it means for Mixtral's k = 2) —
-one :class:`~wdmoe.studies.runner.EvalPoint` runs on the ``paper`` scenario; records are appended
-to ``OUT/results.jsonl`` (resumable: a rerun skips what is done). Then ``OUT/README.md`` gets the
+For each channel seed (0 by default), each task (ARC-Easy, PIQA, WinoGrande, BoolQ, ARC-Challenge,
+GSM8K by default), each allocator (equal, minmax) and each policy — vanilla ``topk`` and WDMoE-θ
+for every θ (k-scaled by default: θ·2/k, so θ means for the default model's k = 7 what it means
+for Mixtral's k = 2) — one :class:`~wdmoe.studies.runner.EvalPoint` runs on the ``paper``
+scenario, in that order (an interrupted run leaves whole tables for the first seed first); the
+report averages a config's seeds into one row. Records are appended to ``OUT/results.jsonl``
+(resumable: a rerun skips what is done). Then ``OUT/README.md`` gets the
 report's tables (:mod:`wdmoe.studies.report`), the Mixtral-8x7B latency study
 (:mod:`wdmoe.studies.latency_study`, on router scores of the same model), the command that regenerates
 it, the date, the wall time and the measured cost per item; the plots go beside it.
@@ -14,17 +16,18 @@ import json
 import shlex
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from wdmoe import __version__
-from wdmoe.config import load_scenario
+from wdmoe.config import ScenarioConfig, load_scenario
 from wdmoe.errors import ConfigError
 from wdmoe.eval.harness import EvalSettings
 from wdmoe.eval.results import append_record, read_records
 from wdmoe.eval.tasks import get_task
+from wdmoe.latency.deadline import LOWEST_CQI_SE_BPS_PER_HZ
 from wdmoe.simulate import SimSettings
 from wdmoe.studies.latency_study import (
     DEFAULT_THETAS as STUDY_THETAS,
@@ -37,7 +40,7 @@ from wdmoe.studies.latency_study import (
     study_prompts,
 )
 from wdmoe.studies.report import NOTES, make_rows, policy_label, render_tables, write_plots
-from wdmoe.studies.runner import EvalPoint, Evaluator, PolicySpec
+from wdmoe.studies.runner import EvalPoint, Evaluator, PolicySpec, scenario_overrides
 
 PAPER_TASKS = ("arc_easy", "piqa", "winogrande", "boolq", "arc_challenge", "gsm8k")
 PAPER_THETAS = (0.05, 0.1, 0.2, 0.3)
@@ -52,9 +55,11 @@ DEFAULT_MAX_NEW_TOKENS = 96
 
 @dataclass(frozen=True)
 class ReproduceSettings:
-    """What `wdmoe reproduce` runs. ``limit``: items per task (None: all); generation tasks
-    (GSM8K) use ``gsm8k_limit`` and ``max_new_tokens`` instead; ``study_prompts``: prompts per
-    task for the Mixtral latency study (0: skip it)."""
+    """What `wdmoe reproduce` runs. ``seeds``: channel trace seeds (every point runs on each; the
+    latency study on the first); ``limit``: items per task (None: all); generation tasks (GSM8K)
+    use ``gsm8k_limit`` and ``max_new_tokens`` instead; ``task_limits``: (task, items) pairs that
+    replace either limit for that task; ``study_prompts``: prompts per task for the Mixtral
+    latency study (0: skip it)."""
 
     tasks: tuple[str, ...] = PAPER_TASKS
     thetas: tuple[float, ...] = PAPER_THETAS
@@ -63,9 +68,10 @@ class ReproduceSettings:
     model: str = "default"
     scenario: str = "paper"
     overrides: tuple[str, ...] = ()
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     limit: int | None = DEFAULT_LIMIT
     gsm8k_limit: int | None = DEFAULT_GSM8K_LIMIT
+    task_limits: tuple[tuple[str, int], ...] = ()
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     out_dir: Path = Path("docs/reproduce")
     data_dir: Path | None = None
@@ -88,6 +94,40 @@ class ReproduceSettings:
                 f"--max-new-tokens must be ≥ 1 and --study-prompts ≥ 0, got "
                 f"{self.max_new_tokens} and {self.study_prompts}"
             )
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds = {list(self.seeds)} is invalid; allowed: distinct integers ≥ 0")
+        self.check_task_limits()
+
+    def check_task_limits(self) -> None:
+        names = [task for task, _ in self.task_limits]
+        for task, items in self.task_limits:
+            flag = f"--task-limit {task}={items}"
+            if task not in self.tasks:
+                raise ConfigError(f"{flag}: {task!r} is not one of --tasks ({', '.join(self.tasks)})")
+            if items < 1:
+                raise ConfigError(f"{flag}: {items} items is out of range; allowed: ≥ 1")
+            if names.count(task) > 1:
+                raise ConfigError(f"--task-limit names {task!r} twice; give one limit per task")
+
+    def limit_for(self, task: str) -> int | None:
+        """Items of ``task``: its ``task_limits`` entry, else ``gsm8k_limit`` (generation) or ``limit``."""
+        own = dict(self.task_limits)
+        if task in own:
+            return own[task]
+        return self.gsm8k_limit if is_generation(task) else self.limit
+
+
+def parse_task_limit(text: str) -> tuple[str, int]:
+    """``"boolq=100"`` → ("boolq", 100); anything else raises a ConfigError naming ``text``."""
+    task, sep, raw = text.partition("=")
+    if not sep or not task.strip():
+        raise ConfigError(f"--task-limit {text!r} is malformed; allowed: TASK=ITEMS (e.g. boolq=100)")
+    try:
+        return task.strip(), int(raw)
+    except ValueError:
+        raise ConfigError(
+            f"--task-limit {text!r}: {raw.strip()!r} is not a whole number of items (e.g. boolq=100)"
+        ) from None
 
 
 def policies(settings: ReproduceSettings) -> list[tuple[str, dict[str, Any]]]:
@@ -99,31 +139,48 @@ def is_generation(task: str) -> bool:
     return get_task(task).kind == "generate_exact"
 
 
-def point_for(settings: ReproduceSettings, task: str, policy: str, params: dict, allocator: str) -> EvalPoint:
-    """The evaluation point of one (task, policy, allocator); generation tasks get their own limit
-    and generation cap (the others keep the runner's default cap, unused by their scorers)."""
-    generation = is_generation(task)
-    extra = {"max_new_tokens": settings.max_new_tokens} if generation else {}
+def sim_settings(allocator: str, seed: int) -> SimSettings:
+    """The simulation of every point: the allocator and seed, the rest (deadline rule, a channel
+    that moves layer by layer, perfect CSI) at SimSettings' defaults."""
+    return SimSettings(allocator=allocator, seed=seed)
+
+
+def point_for(
+    settings: ReproduceSettings, task: str, policy: str, params: dict, allocator: str, seed: int
+) -> EvalPoint:
+    """The evaluation point of one (seed, task, policy, allocator); generation tasks get their own
+    generation cap (the others keep the runner's default cap, unused by their scorers)."""
+    scoring = EvalSettings(batch_size=settings.batch_size)
+    if is_generation(task):
+        scoring = replace(scoring, max_new_tokens=settings.max_new_tokens)
     return EvalPoint(
         model=settings.model,
         policy=PolicySpec(policy, params),
         scenario=settings.scenario,
         overrides=settings.overrides,
-        sim=SimSettings(allocator=allocator, seed=settings.seed),
-        scoring=EvalSettings(batch_size=settings.batch_size, **extra),
-        limit=settings.gsm8k_limit if generation else settings.limit,
+        sim=sim_settings(allocator, seed),
+        scoring=scoring,
+        limit=settings.limit_for(task),
         data_dir=settings.data_dir,
     )
 
 
 def plan(settings: ReproduceSettings) -> list[tuple[str, EvalPoint]]:
-    """(task, point) in run order: task by task, so that an interrupted run leaves whole tables."""
+    """(task, point) in run order: seed → task → allocator → policy, so that an interrupted run
+    leaves whole tables, all of the first seed first."""
     return [
-        (task, point_for(settings, task, name, params, allocator))
+        (task, point_for(settings, task, name, params, allocator, seed))
+        for seed in settings.seeds
         for task in settings.tasks
         for allocator in settings.allocators
         for name, params in policies(settings)
     ]
+
+
+def point_label(task: str, point: EvalPoint, seeds: int) -> str:
+    """``arc_easy · wdmoe θ=0.1 k-scaled · equal`` (``· seed 1`` when there are several seeds)."""
+    label = f"{task} · {policy_label(point.policy.name, point.policy.params)} · {point.sim.allocator}"
+    return label + (f" · seed {point.sim.seed}" if seeds > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -168,7 +225,7 @@ def run_evaluations(
     steps = plan(settings)
     evaluator.model(steps[0][1])  # load once, before the clock runs
     for i, (task, point) in enumerate(steps):
-        label = f"{task} · {policy_label(point.policy.name, point.policy.params)} · {point.sim.allocator}"
+        label = point_label(task, point, len(settings.seeds))
         if progress is not None:
             progress(label, i, len(steps))
         skipped: list[bool] = []
@@ -198,7 +255,9 @@ def run_latency_study(settings: ReproduceSettings, evaluator: Evaluator, outcome
     prompts = study_prompts(settings.tasks, settings.study_prompts, settings.data_dir)
     samples = collect_logits(wm, tok, prompts)
     scenario = load_scenario(settings.scenario, study_overrides(settings.overrides))
-    outcome.study = run_study(samples, scenario, settings.study_thetas, settings.allocators, settings.seed)
+    outcome.study = run_study(
+        samples, scenario, settings.study_thetas, settings.allocators, settings.seeds[0]
+    )
     outcome.study_seconds = time.perf_counter() - t0
     payload = {"scenario": scenario.to_dict(), "rows": [asdict(r) for r in outcome.study]}
     study_file = settings.out_dir / "mixtral_latency.json"
@@ -213,14 +272,16 @@ def command_line(settings: ReproduceSettings) -> str:
     default = ReproduceSettings()
     args: list[str] = []
     limits: list[str] = []
-    listed = {"tasks": "--tasks", "thetas": "--thetas", "allocators": "--allocators"}
+    listed = ("tasks", "thetas", "allocators", "seeds", "study_thetas")
     for f in fields(settings):
         value, name = getattr(settings, f.name), "--" + f.name.replace("_", "-")
         if f.name in ("limit", "gsm8k_limit"):
             limits += [name, "all" if value is None else str(value)]
+        elif f.name == "task_limits":
+            limits += [a for task, items in value for a in ("--task-limit", f"{task}={items}")]
         elif value == getattr(default, f.name):
             continue
-        elif f.name in listed or f.name == "study_thetas":
+        elif f.name in listed:
             args += [name, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
         elif f.name == "overrides":
             for o in value:
@@ -252,7 +313,7 @@ def fmt_duration(seconds: float) -> str:
 
 
 def resumed_text(outcome: Outcome) -> str:
-    """" (n of m points resumed from results.jsonl; their own run times are listed below)" or ""."""
+    """The README's note on resumed points (their own run times are listed below), or ""."""
     resumed = sum(t.resumed for t in outcome.timings)
     if not resumed:
         return ""
@@ -262,12 +323,65 @@ def resumed_text(outcome: Outcome) -> str:
     )
 
 
+def items_text(settings: ReproduceSettings) -> str:
+    """``20 items per task (boolq: 100), 2 for generation tasks (at most 96 new tokens)``."""
+    own = ", ".join(f"{task}: {items}" for task, items in settings.task_limits)
+    return (
+        f"{settings.limit or 'all'} items per task{f' ({own})' if own else ''}, "
+        f"{settings.gsm8k_limit or 'all'} for generation tasks (at most {settings.max_new_tokens} new tokens)"
+    )
+
+
+def seeds_text(settings: ReproduceSettings) -> str:
+    seeds = ", ".join(map(str, settings.seeds))
+    if len(settings.seeds) == 1:
+        return f"channel seed {seeds}"
+    return (
+        f"channel seeds {seeds} (a row averages its seeds; the latency study uses seed {settings.seeds[0]})"
+    )
+
+
+CUT = {
+    "drop": "its experts are dropped (the model renormalises over the rest)",
+    "wait": "its experts are dropped",
+    "fallback": "its experts run from the BS's own copy",
+}
+
+
+def cell_text(sim: SimSettings, scenario: ScenarioConfig) -> str:
+    """How the points' cell treats device calls: outage threshold, deadline rule, moving channel."""
+    rule, min_se = sim.deadline, scenario.cell.min_se_bps_per_hz
+    cqi = "CQI 1 — QPSK, code rate 78/1024 — of 3GPP TS 38.214 Table 5.2.2.1-2"
+    source = cqi if min_se == LOWEST_CQI_SE_BPS_PER_HZ else f"the default {LOWEST_CQI_SE_BPS_PER_HZ} is {cqi}"
+    if rule.mode == "wait":
+        budget = f"every device call may take up to {rule.max_wait_s:g} s (mode `wait`)"
+    else:
+        budget = (
+            f"each device call has the deadline slack·t̂ + grace = {rule.slack:g}·t̂ + {rule.grace_s:g} s "
+            f"(t̂: its predicted time at the allocated share; at most {rule.max_wait_s:g} s; "
+            f"mode `{rule.mode}`)"
+        )
+    moves = (
+        "The channel moves layer by layer: each MoE layer is priced on the fading block of its own time."
+        if sim.channel_moves
+        else "Each forward is priced on the fading block of its start (the channel does not move within it)."
+    )
+    return (
+        f"Outage: a device's link is down for a fading block when its spectral efficiency at the equal "
+        f"share B/U is below {min_se:g} bit/s/Hz in either direction ({source}); the BS skips experts "
+        "on devices it sees down, and a call over a link truly down is lost at its deadline. "
+        f"Deadlines: {budget}; a call that misses it is cut and {CUT[rule.mode]}. {moves}"
+    )
+
+
 def render_readme(
     settings: ReproduceSettings, outcome: Outcome, study: str | None, plots: Sequence[Path]
 ) -> str:
     rows = make_rows(outcome.records)
     k_text = "k-scaled (θ·2/k)" if settings.k_scaled else "not k-scaled"
     overrides = ", ".join(f"`{o}`" for o in settings.overrides) or "none"
+    sim = sim_settings(settings.allocators[0], settings.seeds[0])
+    scenario = load_scenario(settings.scenario, scenario_overrides(settings.model, settings.overrides))
     head = [
         "# Reproduction: vanilla top-k against WDMoE-θ",
         "",
@@ -280,11 +394,12 @@ def render_readme(
         command_line(settings),
         "```",
         "",
-        f"Model `{settings.model}`; scenario `{settings.scenario}` (overrides: {overrides}), channel seed "
-        f"{settings.seed}; WDMoE θ ∈ {{{', '.join(f'{t:g}' for t in settings.thetas)}}}, {k_text}; "
-        f"allocators {', '.join(settings.allocators)}; {settings.limit or 'all'} items per task, "
-        f"{settings.gsm8k_limit or 'all'} for generation tasks (at most {settings.max_new_tokens} new "
-        "tokens). Records: [results.jsonl](results.jsonl).",
+        f"Model `{settings.model}`; scenario `{settings.scenario}` (overrides: {overrides}), "
+        f"{seeds_text(settings)}; WDMoE θ ∈ {{{', '.join(f'{t:g}' for t in settings.thetas)}}}, "
+        f"{k_text}; allocators {', '.join(settings.allocators)}; {items_text(settings)}. "
+        "Records: [results.jsonl](results.jsonl).",
+        "",
+        cell_text(sim, scenario),
         "",
         "## Accuracy and latency per task",
         "",
@@ -293,8 +408,8 @@ def render_readme(
     ]
     if study is not None:
         head += ["", "## Mixtral-8x7B latency study", "", study, ""]
-        data = "[mixtral_latency.json](mixtral_latency.json)"
-        head += [f"Study wall time: {fmt_duration(outcome.study_seconds)}. Data: {data}."]
+        wall, data = fmt_duration(outcome.study_seconds), "[mixtral_latency.json](mixtral_latency.json)"
+        head += [f"Channel seed {settings.seeds[0]}. Study wall time: {wall}. Data: {data}."]
     head += ["", "## Plots", "", *(f"![{p.stem}]({p.name})" for p in plots), ""]
     head += ["## Cost", "", "Wall seconds measured when each point ran (`timings.jsonl`):", ""]
     head += [cost_table(outcome.timings), ""]

@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from wdmoe.errors import ConfigError
-from wdmoe.studies.report.markdown import NOTES, render_markdown, render_tables, task_table
+from wdmoe.studies.report.markdown import (
+    NOTES,
+    render_markdown,
+    render_tables,
+    tail_note,
+    tail_notes,
+    task_table,
+)
 from wdmoe.studies.report.plots import PLOT_NAMES, write_plots
 from wdmoe.studies.report.rows import (
+    HEAVY_TAIL_RATIO,
     Comparison,
     Highlight,
     Row,
@@ -30,6 +38,8 @@ from wdmoe.studies.report.rows import (
     policy_label,
     primary_metric,
     quality,
+    tail_ratio,
+    worst_link,
 )
 
 
@@ -55,6 +65,7 @@ def write_report(records: Sequence[Mapping[str, Any]], folder: Path, title: str 
 
 
 __all__ = [
+    "HEAVY_TAIL_RATIO",
     "NOTES",
     "PLOT_NAMES",
     "Comparison",
@@ -75,7 +86,11 @@ __all__ = [
     "quality",
     "render_markdown",
     "render_tables",
+    "tail_note",
+    "tail_notes",
+    "tail_ratio",
     "task_table",
+    "worst_link",
     "write_plots",
     "write_report",
 ]

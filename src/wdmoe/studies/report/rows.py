@@ -12,7 +12,11 @@ top-k, scenario and its overrides — e.g. the bandwidth —, allocator, seeds, 
     reduction  = 1 − mean_s(row) / mean_s(topk)            (relative latency reduction)
     Δ metric   = metric(row) − metric(topk)                (points ×100 for accuracies)
 
-Latency is per request (one scored sequence, or one GSM8K question with its decode steps).
+Latency is per request (one scored sequence, or one GSM8K question with its decode steps). What
+outage and deadlines did (:func:`wdmoe.eval.results.outage_summary`) is averaged likewise; records
+written before outage was simulated lack it (None / empty). A row whose mean latency is more
+than :data:`HEAVY_TAIL_RATIO` × its median gets a note (:func:`tail_note`) saying what the record
+shows of the cause.
 """
 
 import json
@@ -44,6 +48,7 @@ REQUIRED_FIELDS = (
     "config.seeds.channel",
 )
 PERCENTILES = ((50, "p50_s"), (95, "p95_s"), (99, "p99_s"))
+HEAVY_TAIL_RATIO = 3.0  # mean / p50 above this: the mean is ruled by a few requests
 
 
 # --- reading and checking records ---------------------------------------------------------------
@@ -121,7 +126,12 @@ class Row:
     value / stderr: the primary metric and its standard error (the mean of the seeds' errors: the
     seeds score the same items). Latency fields in seconds per request; per_layer_waiting_s [L];
     per_device: name → [U] (tokens, dropped, drop_rate, downlink_s, compute_s, uplink_s, snr_db_*);
-    per_request_s: every request's latency when the records carry it (else empty).
+    per_request_s: every request's latency when the records carry it (else empty). Outage (None /
+    empty for records that predate it): outage_requests / late_requests, the share of requests that
+    lost an expert to a link in outage / had a call cut late; lost_calls / late_calls, such events
+    per request; link_down_rate, the share of (layer, device) times a link was down;
+    per_device_outage: link_down (share of layer times), cut_down / cut_late (calls per request),
+    skipped (tokens per request) → [U].
     """
 
     task: str
@@ -148,6 +158,12 @@ class Row:
     per_layer_waiting_s: tuple[float, ...] = ()
     per_device: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     per_request_s: tuple[float, ...] = ()
+    outage_requests: float | None = None
+    late_requests: float | None = None
+    lost_calls: float | None = None
+    late_calls: float | None = None
+    link_down_rate: float | None = None
+    per_device_outage: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def is_vanilla(self) -> bool:
@@ -187,10 +203,7 @@ def make_row(records: Sequence[Mapping[str, Any]]) -> Row:
     cfg, metric = first["config"], primary_metric(first["metrics"])
     lat = [r["latency"] for r in records]
     errs = [r.get("stderr", {}).get(metric) for r in records]
-    per_device = {
-        name: tuple(_mean_lists([r.get("per_device", {}).get(name) for r in lat]))
-        for name in (lat[0].get("per_device") or {})
-    }
+    per_device = _mean_mapping([x.get("per_device") for x in lat])
     per_request = [r.get("per_request_s") for r in lat]
     return Row(
         task=str(first["task"]),
@@ -215,7 +228,28 @@ def make_row(records: Sequence[Mapping[str, Any]]) -> Row:
         per_layer_waiting_s=tuple(_mean_lists([(x.get("per_layer") or {}).get("waiting_s") for x in lat])),
         per_device=per_device,
         per_request_s=tuple(v for p in per_request for v in p) if all(per_request) else (),
+        outage_requests=_mean_or_none([x.get("outage_requests") for x in lat]),
+        late_requests=_mean_or_none([x.get("late_requests") for x in lat]),
+        lost_calls=_mean_or_none([x.get("lost_calls") for x in lat]),
+        late_calls=_mean_or_none([x.get("late_calls") for x in lat]),
+        link_down_rate=_mean_or_none([x.get("link_down_rate") for x in lat]),
+        per_device_outage=_mean_mapping([x.get("per_device_outage") for x in lat]),
     )
+
+
+def _mean_or_none(values: Sequence[Any]) -> float | None:
+    """The mean, or None when any record lacks the value (older records)."""
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _mean_mapping(values: Sequence[Any]) -> dict[str, tuple[float, ...]]:
+    """name → the element-wise mean over records of their lists [U] (names of the first record;
+    {} when the first lacks the mapping)."""
+    first = values[0] if values and isinstance(values[0], Mapping) else {}
+    return {
+        name: tuple(_mean_lists([v.get(name) if isinstance(v, Mapping) else None for v in values]))
+        for name in first
+    }
 
 
 def make_rows(records: Sequence[Mapping[str, Any]]) -> list[Row]:
@@ -325,3 +359,37 @@ def highlights(rows: Sequence[Row]) -> list[Highlight]:
         else:
             out.append(Highlight(task, len(task_rows), vanilla.mean_s if vanilla else None, None, None, None))
     return out
+
+
+# --- heavy tails --------------------------------------------------------------------------------
+
+
+def tail_ratio(row: Row) -> float:
+    """mean / p50 of the row's latency (∞ for a zero median, nan when the median is unknown)."""
+    if math.isnan(row.p50_s):
+        return math.nan
+    return row.mean_s / row.p50_s if row.p50_s > 0 else math.inf
+
+
+def heavy_tailed(row: Row) -> bool:
+    return tail_ratio(row) > HEAVY_TAIL_RATIO
+
+
+def worst_link(row: Row) -> tuple[int, float] | None:
+    """(device, share of layer times its link was down) of the device down most; None without
+    per-device outage or when no link was ever down."""
+    down = row.per_device_outage.get("link_down", ())
+    if not down or max(down) <= 0:
+        return None
+    u = int(np.argmax(down))
+    return u, float(down[u])
+
+
+def slowest_device(row: Row) -> tuple[int, float] | None:
+    """(device, its downlink + compute + uplink seconds per request) of the slowest device."""
+    parts = [row.per_device.get(name, ()) for name in ("downlink_s", "compute_s", "uplink_s")]
+    if not all(parts) or len({len(p) for p in parts}) != 1:
+        return None
+    total = np.sum(np.asarray(parts, dtype=np.float64), axis=0)
+    u = int(np.argmax(total))
+    return u, float(total[u])
