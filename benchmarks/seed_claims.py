@@ -2,6 +2,11 @@
 
     python benchmarks/seed_claims.py [--limit N] [--out benchmarks/results/seed_claims.jsonl]
 
+Every point runs on the simulated cell of the current code (link outage, deadlines, a channel that
+moves layer by layer: README "The simulated cell"); records made on an older cell carry other
+config keys, so give a new --out to keep the two apart (benchmarks/results/seed_claims.cell.jsonl
+holds the run on the issue-11 cell).
+
 The goal (issue 4): ≥ 1.65× lower mean end-to-end latency than vanilla top-k (equal bandwidth, as
 the paper's Mixtral baseline) with ≤ 2 points lower accuracy on ARC-Easy and PIQA (dev files, all
 items: no --limit), and at least one beyond-paper policy that dominates WDMoE-θ (no lower accuracy
@@ -54,13 +59,17 @@ def table(records: list[dict[str, Any]], limit: int | None) -> dict[str, dict[st
                 "acc": r["metrics"]["acc"],
                 "acc_norm": r["metrics"]["acc_norm"],
                 "mean_s": r["latency"]["mean_s"],
+                "p50_s": r["latency"]["p50_s"],
                 "experts_per_token": r["latency"]["experts_per_token"],
+                "outage_requests": r["latency"].get("outage_requests", float("nan")),
+                "late_requests": r["latency"].get("late_requests", float("nan")),
             }
     base = rows.get("topk (equal)", {})
     for per_task in rows.values():
         for task, v in per_task.items():
             if task in base:
                 v["speedup"] = base[task]["mean_s"] / v["mean_s"]
+                v["p50_speedup"] = base[task]["p50_s"] / v["p50_s"]
                 v["acc_change_points"] = 100 * (v["acc"] - base[task]["acc"])
     return rows
 
@@ -85,14 +94,16 @@ def main() -> None:
         print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
     rows = table(read_records(args.out), args.limit)
     print(
-        f"\n{'config':<16} {'task':<9} {'n':>5} {'acc':>6} {'Δacc pt':>8} {'mean s':>8} "
-        f"{'×speed':>7} {'exp/tok':>7}"
+        f"\n{'config':<16} {'task':<9} {'n':>5} {'acc':>6} {'Δacc pt':>8} {'mean s':>8} {'p50 s':>7} "
+        f"{'×mean':>6} {'×p50':>6} {'exp/tok':>7} {'outage%':>7}"
     )
     for label, per_task in rows.items():
         for task, v in per_task.items():
             print(
                 f"{label:<16} {task:<9} {v['n']:>5} {v['acc']:>6.3f} {v.get('acc_change_points', 0):>+8.1f} "
-                f"{v['mean_s']:>8.3f} {v.get('speedup', 1):>7.2f} {v['experts_per_token']:>7.2f}"
+                f"{v['mean_s']:>8.3f} {v['p50_s']:>7.3f} {v.get('speedup', 1):>6.2f} "
+                f"{v.get('p50_speedup', 1):>6.2f} {v['experts_per_token']:>7.2f} "
+                f"{100 * v['outage_requests']:>7.1f}"
             )
     summary = args.out.with_suffix(f".{args.limit or 'all'}.summary.json")
     summary.write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=2))

@@ -9,6 +9,7 @@ import torch
 
 from tiny import tiny_model, tiny_tokenizer
 from wdmoe.errors import ConfigError
+from wdmoe.eval import multiple_choice
 from wdmoe.eval.formats import register_jsonl_task
 from wdmoe.eval.generation import generate_batch, score_exact_match
 from wdmoe.eval.harness import EvalSettings, evaluate_task
@@ -180,3 +181,28 @@ def test_user_task_of_each_kind_runs_end_to_end(lm, tmp_path, kind):
     assert math.isfinite(result.metrics[metric])
     record = result.as_record()
     assert record["n"] == 2 and all(f"{k}_stderr" in record for k in result.stderr)
+
+
+def test_multiple_choice_scores_the_same_with_and_without_shared_contexts(lm, tmp_path, monkeypatch):
+    model, tok = lm
+    rows = [
+        {"query": "the router is", "choices": ["fast", "slow", "a device"], "gold": 0},
+        {"query": "what is the channel of the", "choices": ["base station", "cell"], "gold": 1},
+        {"query": "once upon a time there was", "choices": ["a small expert", "hello", "the end"], "gold": 2},
+    ]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name = f"user_mc_{uuid.uuid4().hex[:6]}"
+    register_jsonl_task(name, path, "multiple_choice")
+    shared_calls = []
+    real = multiple_choice.shared_context_logprobs
+    monkeypatch.setattr(
+        multiple_choice, "shared_context_logprobs", lambda *a: shared_calls.append(1) or real(*a)
+    )
+    assert EvalSettings().share_context
+    results = [
+        evaluate_task(name, model, tok, settings=EvalSettings(batch_size=2, share_context=share))
+        for share in (True, False)
+    ]
+    assert results[0] == results[1] and results[0].n == 3
+    assert len(shared_calls) == 1  # only share_context=True took the shared path

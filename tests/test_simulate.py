@@ -114,3 +114,32 @@ def test_split_rows_prices_every_row_on_the_channel_its_batch_met():
     first = sim.records[0]
     for r in sim.records:
         np.testing.assert_array_equal(r.snr_db_dl, first.snr_db_dl)  # one channel snapshot
+
+
+def test_shared_contexts_count_each_context_in_full_in_every_request():
+    """A context run once for two continuations (the scorer's two passes) is accounted as the two
+    (context + continuation) requests, each priced as it would be alone (a channel constant in
+    time), starting when the context pass did."""
+    from wdmoe.eval.multiple_choice import score_on_shared_contexts
+
+    model = tiny_model("mixtral")
+    wm = install(model, make_policy("topk"))
+    cfg = load_scenario("paper", [*TINY, "channel.fading=none"])
+    gen = torch.Generator().manual_seed(3)
+    ctx = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (6, 4)]
+    conts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (2, 3, 1)]
+    parents = [0, 0, 1]
+    shared = Simulation(wm, cfg, SimSettings(seed=2, split_rows=True))
+    with shared.attached(), torch.no_grad():
+        score_on_shared_contexts(model, ctx, conts, parents, pad_id=0)
+    alone = Simulation(wm, cfg, SimSettings(seed=2))
+    with alone.attached(), torch.no_grad():
+        for c, p in zip(conts, parents, strict=True):
+            alone.new_request()
+            model(input_ids=torch.tensor([ctx[p] + c]), use_cache=False)
+    assert [r.new_tokens for r in shared.records] == [8, 9, 5]
+    assert [r.start_s for r in shared.records] == [0.0] * 3
+    for s, a in zip(shared.records, alone.records, strict=True):
+        np.testing.assert_array_equal(s.expert_tokens, a.expert_tokens)  # padding is not work
+        assert s.total_s == pytest.approx(a.total_s)
+    assert shared.contexts is None and shared.time_s > 0

@@ -97,6 +97,12 @@ def eval_cmd(
         ),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward (scoring only).")] = 16,
+    share_context: Annotated[
+        bool,
+        typer.Option(
+            help="Multiple choice: run each context once for all its choices (same scores, faster)."
+        ),
+    ] = True,
     max_new_tokens: Annotated[int, typer.Option(help="Generation cap for GSM8K-type tasks.")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON lines.")] = False,
 ) -> None:
@@ -126,7 +132,9 @@ def eval_cmd(
                 deadline=DeadlineRule(mode, slack, grace_ms / 1e3, max_wait_s),
                 channel_moves=not channel_per_forward,
             ),
-            scoring=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens),
+            scoring=EvalSettings(
+                batch_size=batch_size, max_new_tokens=max_new_tokens, share_context=share_context
+            ),
             limit=limit,
             data_dir=data_dir,
         )

@@ -17,12 +17,15 @@ from wdmoe.eval.tasks import Item, Task, get_task
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How to score: batch size, the generation cap, the perplexity window (None: model's context)."""
+    """How to score: batch size, the generation cap, the perplexity window (None: model's context),
+    and whether multiple-choice items run their context once for all choices (``share_context``,
+    the same scores, faster; ``batch_size`` then counts contexts per forward)."""
 
     batch_size: int = 16
     max_new_tokens: int = 256
     max_length: int | None = None
     stride: int | None = None
+    share_context: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -60,7 +63,7 @@ def score_items(
     b, seq = settings.batch_size, cast(Sequence[Any], items)  # the task's kind fixes the item type
     scores: Any
     if task.kind == "multiple_choice":
-        scores = score_choices(model, tok, seq, b)
+        scores = score_choices(model, tok, seq, b, share_context=settings.share_context)
     elif task.kind == "winogrande":
         scores = score_partial(model, tok, seq, b)
     elif task.kind == "generate_exact":

@@ -114,6 +114,7 @@ class EvalPoint:
             "limit": self.limit,
             "num_fewshot": 0,
             "batch_size": scoring.batch_size,
+            "share_context": scoring.share_context,
             "max_new_tokens": scoring.max_new_tokens,
             "data_dir": str(self.folder()),
             **{k: v for k, v in window.items() if v is not None},
