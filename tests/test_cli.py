@@ -128,6 +128,6 @@ def test_demo_device_table_shows_each_links_outage(capsys, monkeypatch):
     flat = " ".join(out.split())
     assert "topk outage" in out and "wdmoe-0.1 outage" in out and "calls lost to outage / cut late" in flat
     device0 = next(line for line in out.splitlines() if line.strip(" │").startswith("0 "))
-    assert "25.0 % down · 1 / 0" in device0 and "50.0 % down · 1 / 0" in device0
+    assert "25.0% · 1/0" in device0 and "50.0% · 1/0" in device0
     device1 = next(line for line in out.splitlines() if line.strip(" │").startswith("1 "))
-    assert "0.0 % down · 0 / 1" in device1
+    assert "0.0% · 0/1" in device1

@@ -97,7 +97,7 @@ def print_demo_summary(summaries: list["RunSummary"], cfg: Any, seed: int) -> No
         title="per device: channel at t = 0, dropped expert-token pairs, outage (link down % of "
         "layer times · calls lost to outage / cut late)"
     )
-    columns = ["device", "class", "d (m)", "rate DL/UL (Mb/s at B/U)"]
+    columns = ["device", "class", "d (m)", "DL/UL Mb/s at B/U"]
     for s in summaries:
         columns += [f"{s.policy} drops", f"{s.policy} outage"]
     for col in columns:
@@ -113,10 +113,9 @@ def print_demo_summary(summaries: list["RunSummary"], cfg: Any, seed: int) -> No
 
 
 def outage_cell(summary: "RunSummary", u: int) -> str:
-    """``12.0 % down · 3 / 1``: device u's link-down share, calls lost / cut late ("–": unknown)."""
+    """``12.0% · 3/1``: device u's link-down share, calls lost / cut late ("–": unknown)."""
     if not summary.down_per_device:
         return "–"
     return (
-        f"{summary.down_per_device[u] * 100:.1f} % down · "
-        f"{summary.lost_per_device[u]} / {summary.late_per_device[u]}"
+        f"{summary.down_per_device[u] * 100:.1f}% · {summary.lost_per_device[u]}/{summary.late_per_device[u]}"
     )
