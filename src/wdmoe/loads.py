@@ -25,10 +25,6 @@ class RowLoads:
     dropped: FloatArray
     mass: list[float]
 
-    def row(self, r: int) -> "RowLoads":
-        return RowLoads(
-            self.sent[r : r + 1], self.kept[r : r + 1], self.dropped[r : r + 1], self.mass[r : r + 1]
-        )
 
 
 def _count(

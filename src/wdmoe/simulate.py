@@ -188,7 +188,10 @@ class Simulation:
         self.time_s = fwd.clock + (head_s if fwd.kind != "context" else 0.0)
         if fwd.kind == "request":
             loads = expert_loads(traces, self.wm.num_experts)
-            self.finish(self.record(fwd.layers, loads, call.new_tokens, self.context_tokens, fwd.start_s))
+            (record,) = self.price_requests(
+                fwd.layers, loads, [call.new_tokens], self.context_tokens, fwd.start_s
+            )
+            self.finish(record)
             self.context_tokens += call.new_tokens
             return
         loads = row_loads(traces, self.wm.num_experts, fwd.row, fwd.rows)
@@ -197,9 +200,9 @@ class Simulation:
             self.contexts = (fwd, loads, lengths)
             return
         if fwd.kind == "rows":
-            for r in range(fwd.rows):
+            for record in self.price_requests(fwd.layers, loads, lengths, 0, fwd.start_s):
                 self.new_request()
-                self.finish(self.record(fwd.layers, loads.row(r), lengths[r], 0, fwd.start_s))
+                self.finish(record)
         else:
             self.account_continuations(fwd, loads, lengths)
         self.new_request()
@@ -218,16 +221,19 @@ class Simulation:
             )
             for c, f in zip(ctx.layers, fwd.layers, strict=True)
         ]
-        for r, p in enumerate(fwd.parents):
-            n_ctx, n = ctx_lengths[p], ctx_lengths[p] + lengths[r]
-            both = RowLoads(
-                ctx_loads.sent[p : p + 1] + loads.sent[r : r + 1],
-                ctx_loads.kept[p : p + 1] + loads.kept[r : r + 1],
-                ctx_loads.dropped[p : p + 1] + loads.dropped[r : r + 1],
-                [(ctx_loads.mass[p] * n_ctx + loads.mass[r] * lengths[r]) / max(n, 1)],
-            )
+        p = list(fwd.parents)
+        n_ctx = np.asarray(ctx_lengths)[p]
+        n = n_ctx + np.asarray(lengths)
+        mass = (np.asarray(ctx_loads.mass)[p] * n_ctx + np.asarray(loads.mass) * lengths) / np.maximum(n, 1)
+        both = RowLoads(
+            ctx_loads.sent[p] + loads.sent,
+            ctx_loads.kept[p] + loads.kept,
+            ctx_loads.dropped[p] + loads.dropped,
+            [float(m) for m in mass],
+        )
+        for record in self.price_requests(merged, both, [int(x) for x in n], 0, ctx.start_s):
             self.new_request()
-            self.finish(self.record(merged, both, n, 0, ctx.start_s))
+            self.finish(record)
 
     def finish(self, record: StepRecord) -> None:
         """Keep the record; tell the policy what the request's forward cost."""
@@ -281,62 +287,66 @@ class Simulation:
 
     # --- records ----------------------------------------------------------------------------
 
-    def record(
-        self, layers: Sequence[LayerRun], loads: RowLoads, new_tokens: int, context: int, start_s: float
-    ) -> StepRecord:
-        """A request's record: its loads (one row) priced on the layers it ran through (their
-        snapshots and cut calls), with its own BS compute and LM head."""
-        sent = loads.sent[0]
-        priced = self.price(layers, sent, new_tokens, context)
-        views = [lr.snap.view for lr in layers]
+    def price_requests(
+        self,
+        layers: Sequence[LayerRun],
+        loads: RowLoads,
+        new_tokens: Sequence[int],
+        context: int,
+        start_s: float,
+    ) -> list[StepRecord]:
+        """Each row's request (loads [R, L, E]) priced on the layers it ran through (their snapshots
+        and cut calls; all rows of a layer at once), with its own BS compute and LM head."""
+        sent = loads.sent
+        rule, views = self.settings.deadline, [lr.snap.view for lr in layers]
+        per_layer = [
+            price_layer(
+                v,
+                lr.snap.true,
+                self.allocator,
+                v.device_tokens(np.where(lr.skipped, 0.0, sent[:, i])),
+                Calls(rule, lr.snap.true_up, late=lr.priced.late, down=lr.priced.down),
+            )
+            for i, (v, lr) in enumerate(zip(views, layers, strict=True))
+        ]
+        per_device = lambda x: np.stack([v.device_tokens(x[:, i]) for i, v in enumerate(views)], 1)  # noqa: E731
+        skipped = per_device(np.where(np.stack([lr.skipped for lr in layers]), sent, 0.0))
+        dropped = per_device(loads.dropped)
+        link_down = np.stack([~lr.snap.true_up for lr in layers])
         first = layers[0].snap.true
         share = first.equal_share_hz()
-        lat = priced.latency
-        skipped = [
-            v.device_tokens(np.where(lr.skipped, n, 0.0))
-            for v, lr, n in zip(views, layers, sent, strict=True)
-        ]
-        dropped = [v.device_tokens(d) for v, d in zip(views, loads.dropped[0], strict=True)]
-        return StepRecord(
-            "prefill" if context == 0 else "decode",
-            start_s,
-            new_tokens,
-            loads.kept[0],
-            loads.dropped[0],
-            loads.mass[0],
-            priced.device_tokens,
-            np.stack(dropped),
-            10 * np.log10(np.maximum(first.dl.snr(share), 1e-30)),
-            10 * np.log10(np.maximum(first.ul.snr(share), 1e-30)),
-            lat.devices.downlink_s,
-            lat.devices.compute_s,
-            lat.devices.uplink_s,
-            lat.waiting_s,
-            lat.bs_s,
-            lat.head_s,
-            np.stack([~lr.snap.true_up for lr in layers]),
-            priced.late,
-            priced.down,
-            np.stack(skipped),
-        )
-
-    def price(self, layers: Sequence[LayerRun], sent: FloatArray, new_tokens: int, context: int) -> Priced:
-        """Loads sent [L, E] priced layer by layer on the layers' snapshots, settled as they were."""
-        rule = self.settings.deadline
-        priced = []
-        for lr, n in zip(layers, sent, strict=True):
-            view = lr.snap.view
-            calls = Calls(rule, lr.snap.true_up, late=lr.priced.late, down=lr.priced.down)
-            priced.append(
-                price_layer(
-                    view,
-                    lr.snap.true,
-                    self.allocator,
-                    view.device_tokens(np.where(lr.skipped, 0.0, n)),
-                    calls,
+        snr_dl, snr_ul = (10 * np.log10(np.maximum(link.snr(share), 1e-30)) for link in (first.dl, first.ul))
+        out = []
+        for r, n in enumerate(new_tokens):
+            priced = stack_layers(
+                [p.take(r) for p in per_layer], *forward_overheads(self.scenario, n, context)
+            )
+            lat = priced.latency
+            out.append(
+                StepRecord(
+                    "prefill" if context == 0 else "decode",
+                    start_s,
+                    n,
+                    loads.kept[r],
+                    loads.dropped[r],
+                    loads.mass[r],
+                    priced.device_tokens,
+                    dropped[r],
+                    snr_dl,
+                    snr_ul,
+                    lat.devices.downlink_s,
+                    lat.devices.compute_s,
+                    lat.devices.uplink_s,
+                    lat.waiting_s,
+                    lat.bs_s,
+                    lat.head_s,
+                    link_down,
+                    priced.late,
+                    priced.down,
+                    skipped[r],
                 )
             )
-        return stack_layers(priced, *forward_overheads(self.scenario, new_tokens, context))
+        return out
 
     def new_request(self) -> None:
         """Start a new request: empty KV cache; simulated time (and the channel) go on."""

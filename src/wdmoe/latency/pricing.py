@@ -46,6 +46,16 @@ class Priced:
     late: BoolArray
     down: BoolArray
 
+    def take(self, index: int) -> "Priced":
+        """The prices of one leading index (e.g. one row of loads [R, U] priced at once)."""
+        d, lat = self.latency.devices, self.latency
+        devices = DeviceTimes(d.downlink_s[index], d.compute_s[index], d.uplink_s[index])
+        latency = Latency(devices, lat.waiting_s[index], lat.bs_s[index], lat.head_s)
+        arrays = (self.expected_s, self.budget_s, self.late, self.down)
+        return Priced(
+            self.device_tokens[index], self.bandwidth_hz[index], latency, *(a[index] for a in arrays)
+        )
+
     @property
     def cut(self) -> BoolArray:
         """Calls cut late or lost to outage (:attr:`wdmoe.latency.deadline.Settled.cut`)."""
