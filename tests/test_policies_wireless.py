@@ -439,3 +439,17 @@ def test_wdmoe_installed_in_tiny_mixtral_reads_the_context():
     wm.set_view(None)
     with pytest.raises(ConfigError, match="set_view"):
         model(ids)
+
+
+def test_a_cell_generates_its_trace_as_far_as_time_goes_and_then_wraps():
+    """The trace grows with the clock (the same channel as one generated in full: traces are
+    prefix-stable) and repeats after the cell's blocks."""
+    lazy = Cell(CFG, 10_000, seed=4, wrap=True)
+    full = Cell(CFG, 10_000, seed=4, wrap=True, trace=generate_trace(CFG, 10_000, seed=4))
+    block_s = full.trace.block_s
+    assert lazy.trace.num_blocks == Cell.FIRST_BLOCKS
+    for t in (0.5 * block_s, 5000.5 * block_s, 9999.5 * block_s):
+        np.testing.assert_array_equal(lazy.snapshot(t).true.ul.gain, full.snapshot(t).true.ul.gain)
+    assert lazy.trace.num_blocks == 10_000
+    wrapped = lazy.snapshot(10_003.5 * block_s)
+    np.testing.assert_array_equal(wrapped.true.dl.gain, full.snapshot(3.5 * block_s).true.dl.gain)

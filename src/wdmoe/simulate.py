@@ -47,8 +47,9 @@ from wdmoe.types import Feedback
 
 @dataclass(frozen=True)
 class SimSettings:
-    """How the BS sees, shares and waits for the cell. trace_blocks × coherence_s bounds simulated
-    time. ``deadline``: the runtime's rule for device calls (mode drop / wait / fallback, slack,
+    """How the BS sees, shares and waits for the cell. The channel repeats after trace_blocks ×
+    coherence_s of simulated time (2000 s on the paper cell; generated as far as the run goes).
+    ``deadline``: the runtime's rule for device calls (mode drop / wait / fallback, slack,
     grace); ``channel_moves``: price every layer on the channel of its own time (False: a forward
     on the snapshot of its start). ``split_rows``: account every row of a batched forward without
     KV cache as its own request (see the module doc)."""
@@ -56,7 +57,7 @@ class SimSettings:
     allocator: str = "equal"
     csi_delay_blocks: int = 0
     csi_error_std_db: float = 0.0
-    trace_blocks: int = 20000
+    trace_blocks: int = 200_000
     seed: int | None = None
     split_rows: bool = False
     deadline: DeadlineRule = field(default_factory=DeadlineRule)
@@ -145,7 +146,8 @@ class Simulation:
         check_model_matches(self.wm, self.scenario)
         s = self.settings
         seed = self.scenario.seed if s.seed is None else s.seed
-        self.cell = Cell(self.scenario, s.trace_blocks, seed, Csi(s.csi_delay_blocks, s.csi_error_std_db))
+        csi = Csi(s.csi_delay_blocks, s.csi_error_std_db)
+        self.cell = Cell(self.scenario, s.trace_blocks, seed, csi, wrap=True)
         self.allocator = make_allocator(s.allocator)
         self.time_s = 0.0
         self.context_tokens = 0

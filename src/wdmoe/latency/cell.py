@@ -7,9 +7,9 @@ log-normal gain errors of σ dB (noisy CSI; one draw per estimated block, so eve
 about the same time sees the same estimate); the latency view a policy decides on is the
 estimate with the scenario's expert cost and device compute at the equal split of the band, and
 the devices whose links are in outage on it unreachable (:func:`~wdmoe.latency.deadline.link_up`).
-Both faces ask at every MoE layer's own time: the channel moves during a forward. Trace time runs
-out at the last block (the simulator clips there) or wraps around (the runtime, which runs for as
-long as it is up).
+Both faces ask at every MoE layer's own time: the channel moves during a forward. Trace time wraps
+around after the cell's blocks (both faces: the simulator's default is 200 000 blocks, 2000 s of
+the paper cell; the channel then repeats).
 """
 
 from collections import OrderedDict
@@ -63,8 +63,12 @@ class CellSnapshot:
 
 
 class Cell:
-    """A scenario's cell over time (see the module doc); ``wrap``: trace time wraps around;
-    ``trace``: a given trace instead of one generated from the scenario and seed."""
+    """A scenario's cell over time (see the module doc): ``blocks`` fading blocks, after which
+    trace time wraps around (``wrap``) or stays at the last block. The trace is generated as far
+    as time has gone (doubling; traces are prefix-stable, so the channel does not depend on how
+    far it was generated); ``trace``: a given trace instead."""
+
+    FIRST_BLOCKS = 4096
 
     def __init__(
         self,
@@ -76,16 +80,25 @@ class Cell:
         trace: ChannelTrace | None = None,
     ) -> None:
         self.scenario, self.csi, self.wrap, self.seed = scenario, csi or Csi(), wrap, seed
-        self.trace = trace if trace is not None else generate_trace(scenario, blocks, seed)
+        self.num_blocks = blocks if trace is None else trace.num_blocks
+        first = min(blocks, self.FIRST_BLOCKS)
+        self.trace = trace if trace is not None else generate_trace(scenario, first, seed)
         period = scenario.cell.csi_period_s
         self.csi_period_s = self.trace.block_s if period is None else period
         self.min_se = scenario.cell.min_se_bps_per_hz
         self.cache: OrderedDict[tuple[int, int], CellSnapshot] = OrderedDict()
 
     def block(self, time_s: float) -> int:
-        """The fading block of time t (s): clipped to the trace, or wrapped around it."""
+        """The fading block of time t (s): wrapped around the trace, or clipped to it."""
         b = int(time_s // self.trace.block_s)
-        return b % self.trace.num_blocks if self.wrap else min(b, self.trace.num_blocks - 1)
+        return b % self.num_blocks if self.wrap else min(b, self.num_blocks - 1)
+
+    def state(self, block: int) -> ChannelState:
+        """The true channel of ``block``, generating the trace that far when needed."""
+        if block >= self.trace.num_blocks:
+            grown = min(self.num_blocks, max(2 * self.trace.num_blocks, block + 1))
+            self.trace = generate_trace(self.scenario, grown, self.seed)
+        return self.trace.state(block)
 
     def estimate_block(self, time_s: float) -> int:
         """The block the BS's estimate at time t describes: the one of its last refresh (every
@@ -94,7 +107,7 @@ class Cell:
         # the block holding the refresh instant (k·period can land a hair below a block boundary)
         refreshed = min(self.block(refresh_s + 1e-9 * self.trace.block_s), self.block(time_s))
         b = refreshed - self.csi.delay_blocks
-        return b % self.trace.num_blocks if self.wrap else max(b, 0)
+        return b % self.num_blocks if self.wrap else max(b, 0)
 
     def snapshot(self, time_s: float) -> CellSnapshot:
         """The cell at time t: truth, estimate, and the view on the estimate (expert e on device e
@@ -109,7 +122,7 @@ class Cell:
         return snap
 
     def build(self, block: int, estimate_block: int) -> CellSnapshot:
-        stale = self.trace.state(estimate_block)
+        stale = self.state(estimate_block)
         error_db = self.csi.error_std_db
         rng = np.random.default_rng([self.seed, 1, estimate_block])  # one error draw per block
         estimate = stale if error_db == 0.0 else noisy_csi(stale, rng, error_db)
@@ -117,7 +130,7 @@ class Cell:
         placement = np.arange(self.scenario.model.num_experts) % u
         up = link_up(estimate, self.min_se)
         view = ExpertLatency.from_scenario(self.scenario, estimate, placement=placement, up=up)
-        true = self.trace.state(block)
+        true = self.state(block)
         return CellSnapshot(block, estimate, true, view, link_up(true, self.min_se))
 
 
