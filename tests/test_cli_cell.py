@@ -38,6 +38,17 @@ def test_show_json_lists_every_device_and_is_replayable():
     assert show_json("paper", "--seed", 4)["devices"] != out["devices"]
 
 
+def test_show_counts_how_often_each_link_is_in_outage():
+    """The share of the first minute's blocks below the lowest CQI: the weak links' under Rayleigh
+    fading, none with outage turned off."""
+    far = ["--set", "cell.r_min_m=600", "--set", "cell.r_max_m=900"]
+    shares = [d["outage_share"] for d in show_json("paper", "--seed", 0, *far)["devices"]]
+    assert all(0.0 <= x <= 1.0 for x in shares) and max(shares) > 0.01
+    off = show_json("paper", "--seed", 0, *far, "--set", "cell.min_se_bps_per_hz=0")["devices"]
+    assert [d["outage_share"] for d in off] == [0.0] * 8
+    assert "outage (60 s)" in run("show", "paper").stdout
+
+
 def test_show_table_and_overrides():
     res = run("show", "lab", "--seed", 1, "--set", "cell.num_devices=3")
     assert res.exit_code == 0, res.output

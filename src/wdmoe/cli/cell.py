@@ -17,6 +17,7 @@ from wdmoe.cli.common import fail, table_console
 from wdmoe.config import ScenarioConfig, load_scenario
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.latency import ExpertCost, device_time_s, layer_demand, waiting_s
+from wdmoe.latency.deadline import links_up
 from wdmoe.latency.devices import devices_for, effective_flops_per_s
 
 cell_app = typer.Typer(
@@ -50,8 +51,23 @@ def _snapshot(
     return cfg, seed, generate_trace(cfg, 1, seed).state(0)
 
 
-def device_rows(cfg: ScenarioConfig, state: ChannelState) -> list[dict[str, Any]]:
-    """Per device: class, distance, LOS, path loss, shadowing, SNR and rate per direction at B/U."""
+OUTAGE_WINDOW_S = 60.0  # how much of the trace `cell show` reads for each link's outage share
+
+
+def outage_share(cfg: ScenarioConfig, seed: int) -> np.ndarray:
+    """[U] the share of fading blocks in the first OUTAGE_WINDOW_S of the trace in which each
+    device's link is in outage (η at B/U below cell.min_se_bps_per_hz, either direction)."""
+    blocks = max(int(OUTAGE_WINDOW_S / cfg.channel.coherence_s), 1)
+    trace = generate_trace(cfg, blocks, seed)
+    dl = trace.budget.downlink(trace.gain(trace.fading_dl))
+    ul = trace.budget.uplink(trace.gain(trace.fading_ul))
+    share_hz = cfg.cell.bandwidth_hz / cfg.cell.num_devices
+    return np.asarray(1.0 - links_up(dl, ul, share_hz, cfg.cell.min_se_bps_per_hz).mean(axis=0))
+
+
+def device_rows(cfg: ScenarioConfig, state: ChannelState, outage: np.ndarray) -> list[dict[str, Any]]:
+    """Per device: class, distance, LOS, path loss, shadowing, SNR and rate per direction at B/U,
+    and the share of blocks its link is in outage (``outage``)."""
     share_hz = state.equal_share_hz()
     classes = devices_for(cfg.cell.device_classes, cfg.cell.num_devices)
     snr_dl_db, snr_ul_db = linear_to_db(state.dl.snr(share_hz)), linear_to_db(state.ul.snr(share_hz))
@@ -68,6 +84,7 @@ def device_rows(cfg: ScenarioConfig, state: ChannelState) -> list[dict[str, Any]
             "snr_ul_db": float(snr_ul_db[u]),
             "rate_dl_bps": float(rate_dl[u]),
             "rate_ul_bps": float(rate_ul[u]),
+            "outage_share": float(outage[u]),
         }
         for u in range(state.num_devices)
     ]
@@ -87,6 +104,7 @@ def _show_table(cfg: ScenarioConfig, seed: int, rows: list[dict[str, Any]], shar
         "shadow (dB)",
         "SNR DL/UL (dB)",
         "rate DL/UL (Mb/s)",
+        f"outage ({OUTAGE_WINDOW_S:g} s)",
     ):
         table.add_column(col, justify="right")
     for r in rows:
@@ -99,6 +117,7 @@ def _show_table(cfg: ScenarioConfig, seed: int, rows: list[dict[str, Any]], shar
             f"{r['shadowing_db']:+.1f}",
             f"{r['snr_dl_db']:.1f} / {r['snr_ul_db']:.1f}",
             f"{r['rate_dl_bps'] / 1e6:.1f} / {r['rate_ul_bps'] / 1e6:.1f}",
+            f"{r['outage_share'] * 100:.2f} %",
         )
     return table
 
@@ -136,10 +155,11 @@ def show(
     plot: Annotated[Path | None, typer.Option("--plot", help="Save a plot of the cell to this PNG.")] = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Each device's distance, path loss, SNR and rate per direction (at B/U), and its class."""
+    """Each device's distance, path loss, SNR and rate per direction (at B/U), its class, and how
+    often its link is in outage over the first minute of the trace."""
     try:
         cfg, seed, state = _snapshot(scenario, seed, overrides)
-        rows = device_rows(cfg, state)
+        rows = device_rows(cfg, state, outage_share(cfg, seed))
         if plot is not None:
             plot_cell(cfg, state, plot)
     except WdmoeError as e:

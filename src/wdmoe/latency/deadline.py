@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from wdmoe.channel.state import ChannelState
+from wdmoe.channel.state import ChannelState, Link
 from wdmoe.channel.units import BoolArray, FloatArray
 from wdmoe.config import check_choice, check_range
 
@@ -36,10 +36,13 @@ LOWEST_CQI_SE_BPS_PER_HZ = 0.1523
 
 def link_up(channel: ChannelState, min_se_bps_per_hz: float) -> BoolArray:
     """[U] whether device u's link is up: η ≥ η_min in both directions at the equal share B/U."""
-    share = channel.equal_share_hz()
-    dl = channel.dl.spectral_efficiency(share) >= min_se_bps_per_hz
-    ul = channel.ul.spectral_efficiency(share) >= min_se_bps_per_hz
-    return np.asarray(dl & ul)
+    return links_up(channel.dl, channel.ul, channel.equal_share_hz(), min_se_bps_per_hz)
+
+
+def links_up(dl: Link, ul: Link, share_hz: Any, min_se_bps_per_hz: float) -> BoolArray:
+    """[..., U] whether links of any shape (e.g. a whole trace [N, U]) are up at the share B_u."""
+    up_dl = dl.spectral_efficiency(share_hz) >= min_se_bps_per_hz
+    return np.asarray(up_dl & (ul.spectral_efficiency(share_hz) >= min_se_bps_per_hz))
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,7 @@ class Settled:
         return np.asarray(np.max(self.waited_s, axis=-1, initial=0.0))
 
 
-def settle(
-    true_s: Any, budget_s: Any, tokens: Any, up: Any, late: Any = None, down: Any = None
-) -> Settled:
+def settle(true_s: Any, budget_s: Any, tokens: Any, up: Any, late: Any = None, down: Any = None) -> Settled:
     """Device calls with true times t_u [..., U], budgets b_u (same unit), loads n_u and true link
     states ``up`` [U] (module doc). ``late`` / ``down`` [..., U], when given, are how the calls
     were settled already (for the batch a request travelled in): a request's share of a batch
