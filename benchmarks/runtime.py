@@ -1,22 +1,25 @@
-"""What distribution costs on the default model: per-layer fan-out/fan-in, decode speed, worker memory.
+"""What distribution costs on the default model: per-layer fan-out/fan-in and decode speed on both
+data planes, worker memory.
 
     OMP_NUM_THREADS=1 python benchmarks/runtime.py [--tokens 24] [--rounds 3] [--new-tokens 32]
 
-Side by side in one run, on loopback with no emulated link delay (RuntimeSettings: drop mode, a
-generous grace so that no expert is dropped on a busy machine):
+Side by side in one run, on loopback with no emulated link delay (drop mode, a generous grace so
+that no expert is dropped on a busy machine, no link outage in the cell: every expert is called,
+so answers compare exactly). The cluster's BS calls its 8 device processes on the stream data
+plane (one persistent connection per device) or on gRPC (a RunExpert call each): the same BS and
+devices, the plane switched between variants (``Links.data_plane``).
 
-1. Per-layer overhead: ``bs.dispatcher.run(layer, inputs)`` for decode-like inputs (one token for each of the
-   top-7 experts, 7 of the 8 devices busy) through a BaseStation with released experts and 8 device
-   servers that are threads of this process, and through a ``Cluster`` with 8 device subprocesses,
-   against the in-process ``LocalDispatcher`` on the same inputs. The three are timed in turn on
-   every (token, layer), each inside a forward's channel snapshot (``begin_forward`` runs once per
-   token, as the model's wrapped forward does; its cost is reported on its own). Overhead =
-   distributed − local for the same (token, layer): median and p90. Goal: < 1 ms per layer.
-2. Decode tokens/s with ``wdmoe.generate.generate`` (greedy, same prompt): in-process model vs the
-   cluster's BS-side model (8 subprocess workers) and the threaded cell, rounds alternating.
-   Goal: distributed ≥ 0.5 × in-process.
-3. Worker memory: RSS and USS (psutil) of each subprocess worker against the bytes of its shard
-   files, and of a worker hosting one shard (the fixed Python + torch + gRPC cost).
+1. Per-layer: ``bs.dispatcher.run(layer, inputs)`` on decode-like inputs (one token for each of the
+   top-7 experts: 7 of 8 devices busy) through the cluster on each plane and through a BS whose 8
+   device servers are threads of this process (stream), against the in-process
+   ``LocalDispatcher``; variants in turn on every (token, layer), each inside a forward's channel
+   snapshot (``begin_forward``, once per token, timed apart). Overhead = distributed − local on the
+   same (token, layer); fan-out = ``Links.fan_out`` (send all, gather all); median and p95; the CPU
+   per layer of this process (the BS) and of the device processes. Goal: overhead ≤ 1 ms.
+2. Decode tokens/s (``wdmoe.generate.generate``, greedy, one prompt): in-process vs each variant's
+   BS-side model, rounds alternating. Goal: distributed ≥ 0.6 × in-process with 8 devices.
+3. Worker memory: RSS and USS (psutil) of each subprocess worker against its shard files, and of a
+   worker hosting one shard (the fixed Python + torch + gRPC cost).
 
 Prints a table and writes benchmarks/results/runtime.json with the machine's load average (2 busy
 cores make every number here noisy: compare runs made at similar load).
@@ -48,15 +51,17 @@ from wdmoe.models.split import split_model
 from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient
 from wdmoe.runtime.cluster import Cluster, round_robin, shard_key
+from wdmoe.runtime.dataplane import StreamClient
 from wdmoe.runtime.device import RUN_EXPERT, DeviceServer, serve
 from wdmoe.runtime.security import open_channel
-from wdmoe.runtime.server import GRPC_OPTIONS
+from wdmoe.runtime.server import GRPC_OPTIONS, freeze_heap
 from wdmoe.runtime.service import BSServer, serve_bs
 from wdmoe.runtime.wire import ExpertRequest, encode
 
 DEVICES = 8
 TOKEN = "benchmark-token"
 SETTINGS = RuntimeSettings(grace_s=5.0)  # loopback needs no slack; a busy machine may need seconds
+NO_OUTAGE = ["cell.min_se_bps_per_hz=0"]  # the software's cost only: no expert skipped for the channel
 PROMPT = "What does a base station do in a wireless network, and why do phones need one?"
 ANCHORS = {
     "llama.cpp RPC backend": "lost about a third of its tokens/s when split over 1 GbE",
@@ -64,6 +69,7 @@ ANCHORS = {
 }
 Inputs = dict[int, torch.Tensor]  # expert → hidden [1, D]
 Dispatch = Callable[[int, Inputs], Mapping[int, torch.Tensor]]
+Variant = tuple[Dispatch, BaseStation | None, str]  # run, its BS (None: local), its data plane
 
 
 def threaded_cell(
@@ -71,16 +77,14 @@ def threaded_cell(
 ) -> tuple[BaseStation, BSServer, list[DeviceServer]]:
     """A BS with released experts and 8 device servers, all in this process, registered over loopback."""
     wm = install(net)
-    scenario = fit_scenario(load_scenario("lab", [f"cell.num_devices={DEVICES}"]), wm, "default")
+    scenario = fit_scenario(load_scenario("lab", [f"cell.num_devices={DEVICES}", *NO_OUTAGE]), wm, "default")
     by_key = {shard_key(p): p for p in split_model(net, folder)}
     wm.release_experts()
     bs = BaseStation(wm, tok, scenario, SETTINGS, token=TOKEN)
     server = serve_bs(bs, TOKEN)
-    devices = []
-    for u, keys in enumerate(round_robin(sorted(by_key), DEVICES)):
-        device = serve([by_key[k] for k in keys], token=TOKEN)
+    devices = [serve([by_key[k] for k in keys], token=TOKEN) for keys in round_robin(sorted(by_key), DEVICES)]
+    for u, device in enumerate(devices):
         device.register(server.address, TOKEN, u)
-        devices.append(device)
     with BSClient(server.address, TOKEN) as client:
         client.wait_ready(DEVICES, timeout_s=60)
     return bs, server, devices
@@ -123,36 +127,43 @@ def time_token(
     return times, snapshot_s
 
 
-def max_difference(run: Dispatch, local: Dispatch, per_layer: list[Inputs]) -> float:
-    """Largest |distributed − local| over one token's layers (the outputs must agree)."""
-    worst = 0.0
-    for layer, inputs in enumerate(per_layer):
+def max_difference(run: Dispatch, bs: BaseStation, local: Dispatch, per_layer: list[Inputs]) -> float:
+    """Largest |distributed − local| over one token's layers, in one forward (the outputs must agree)."""
+    worst = [0.0]
+
+    def both(layer: int, inputs: Inputs) -> Mapping[int, torch.Tensor]:
         got, want = run(layer, inputs), local(layer, inputs)
-        worst = max(worst, max(float((got[e] - want[e]).abs().max()) for e in inputs))
-    return worst
+        worst.append(max(float((got[e] - want[e]).abs().max()) for e in inputs))
+        return got
+
+    time_token(both, per_layer, bs)
+    return max(worst)
 
 
-def rpc_floor_ms(bs: BaseStation, hidden: int, calls: int = 50) -> float:
-    """Median ms of one blocking RunExpert call (1 token) to the device hosting expert 0 of layer 0:
-    the transport's own round trip, without the BS's planning and fan-out."""
+def call_floor_ms(bs: BaseStation, hidden: int, plane: str, calls: int = 50) -> float:
+    """Median ms of one call alone (1 token, to layer 0 expert 0's device) on ``plane``: gRPC a
+    blocking RunExpert; stream a call on the link loop, with the hop from this thread to it."""
     entry = bs.registry.choose((0, 0), np.ones(bs.num_slots))
     assert entry is not None, "no device hosts layer 0 expert 0"
+    frames = [encode(ExpertRequest(0, 0, torch.randn(1, hidden), i, 5.0)) for i in range(calls + 1)]
     channel = open_channel(entry.address, None, GRPC_OPTIONS)
-    stub, x = channel.unary_unary(RUN_EXPERT), torch.randn(1, hidden)
+    stub, client = channel.unary_unary(RUN_EXPERT), StreamClient(entry.data_address, bs.links.token)
     times = []
-    for i in range(calls + 1):
-        frame = encode(ExpertRequest(0, 0, x, i, 5.0))
+    for frame in frames:
         start = time.perf_counter()
-        stub(frame, timeout=5.0, metadata=bs.links.metadata)
+        if plane == "grpc":
+            stub(frame, timeout=5.0, metadata=bs.links.metadata)
+        else:
+            bs.links.submit(client.call(frame, 5.0)).result()
         times.append(time.perf_counter() - start)
     channel.close()
+    bs.links.submit(client.close()).result()
     return 1e3 * statistics.median(times[1:])
 
 
-def record_fan_out(bs: BaseStation, into: list[float]) -> None:
-    """Record the seconds of every ``bs.links.fan_out`` (send all calls, gather the answers) in
-    ``into``: the rest of a layer's time is the BS's planning and book-keeping."""
-    inner = bs.links.fan_out
+def clock_fan_out(bs: BaseStation) -> list[float]:
+    """The seconds of every ``bs.links.fan_out`` from now on (send all calls, gather the answers)."""
+    into, inner = [], bs.links.fan_out
 
     def fan_out(*args: Any) -> None:
         start = time.perf_counter()
@@ -160,62 +171,80 @@ def record_fan_out(bs: BaseStation, into: list[float]) -> None:
         into.append(time.perf_counter() - start)
 
     bs.links.fan_out = fan_out  # type: ignore[method-assign]
+    return into
 
 
-def layer_overhead(
-    variants: dict[str, tuple[Dispatch, BaseStation | None]], inputs: list[list[Inputs]]
-) -> dict[str, Any]:
-    """Every variant on every token in turn (warm-up first); per-layer ms and overhead vs 'local';
-    for a BS also the fan-out (send + gather) and the rest (planning, book-keeping) of each layer."""
-    fan_out: dict[str, list[float]] = {name: [] for name, (_, bs) in variants.items() if bs is not None}
-    for name, (run, bs) in variants.items():
-        time_token(run, inputs[0], bs)
-        if bs is not None:
-            record_fan_out(bs, fan_out[name])
-    ms: dict[str, list[float]] = {name: [] for name in variants}
-    snapshot_ms: dict[str, list[float]] = {name: [] for name in variants}
-    cpu_s: dict[str, list[float]] = {name: [] for name in variants}
-    for per_layer in inputs:
-        for name, (run, bs) in variants.items():
-            times, snap = time_token(run, per_layer, bs, cpu_s[name])
-            ms[name] += [1e3 * t for t in times]
-            snapshot_ms[name].append(1e3 * snap)
-    local = np.array(ms["local"])
-    out: dict[str, Any] = {}
-    for name, values in ms.items():
-        arr = np.array(values)
-        over = arr - local
-        out[name] = {
-            "layer_ms_median": float(np.median(arr)),
-            "layer_ms_p90": float(np.percentile(arr, 90)),
-            "overhead_ms_median": float(np.median(over)),
-            "overhead_ms_p90": float(np.percentile(over, 90)),
-            "forward_snapshot_ms_median": float(np.median(snapshot_ms[name])),
-            # this process's CPU per layer: the BS's own cost where devices are other processes
-            "process_cpu_ms_median": float(np.median(1e3 * np.array(cpu_s[name]))),
-            "samples": len(values),
-        }
-        if name in fan_out:
-            sent = 1e3 * np.array(fan_out[name])
-            assert len(sent) == len(arr), "one fan-out per layer expected"
-            out[name] |= {
-                "fan_out_ms_median": float(np.median(sent)),
-                "bs_rest_ms_median": float(np.median(arr - sent)),
-            }
+def use(variant: Variant) -> None:
+    """Put the variant's BS (if any) on the variant's data plane."""
+    if variant[1] is not None:
+        variant[1].links.data_plane = variant[2]
+
+
+def summarise(ms: list[float], local: np.ndarray, fan_out: list[float], cpu_s: list[float]) -> dict[str, Any]:
+    """Per-layer ms of one variant: layer, overhead, fan-out (median, p95), BS CPU, the rest (median)."""
+    arr = np.array(ms)
+    series = {"layer_ms": arr, "overhead_ms": arr - local}
+    if fan_out:
+        assert len(fan_out) == len(arr), "one fan-out per layer expected"
+        series["fan_out_ms"] = 1e3 * np.array(fan_out)
+    out: dict[str, Any] = {
+        f"{key}_{name}": float(np.percentile(values, q))
+        for key, values in series.items()
+        for name, q in (("median", 50), ("p95", 95))
+    }
+    out |= {"process_cpu_ms_median": float(np.median(1e3 * np.array(cpu_s))), "samples": len(ms)}
+    if fan_out:
+        out["bs_rest_ms_median"] = float(np.median(arr - series["fan_out_ms"]))
     return out
 
 
-def decode_speed(models: dict[str, WirelessModel], tok: Any, new_tokens: int, rounds: int) -> dict[str, Any]:
-    """Greedy generation of the same prompt on every model, rounds alternating (after a warm-up)."""
-    for wm in models.values():
-        generate(wm, tok, PROMPT, max_new_tokens=4, record=False)
+def cpu_s(procs: list[psutil.Process]) -> float:
+    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+
+
+def layer_overhead(
+    variants: dict[str, Variant], inputs: list[list[Inputs]], devices: dict[str, list[psutil.Process]]
+) -> dict[str, Any]:
+    """Every variant on every token in turn (warm-up first): per-layer ms, overhead vs 'local', for a
+    BS its fan-out and the rest (planning, books), the CPU its ``devices`` (processes) spent."""
+    clocks = {id(bs): clock_fan_out(bs) for _, bs, _ in variants.values() if bs is not None}
+    ms, fan_out, snapshot_ms, cpu = ({name: [] for name in variants} for _ in range(4))
+    device_s = dict.fromkeys(variants, 0.0)
+    for n, per_layer in enumerate([inputs[0], *inputs]):  # the first token is the warm-up
+        for name, variant in variants.items():
+            use(variant)
+            run, bs, _ = variant
+            before = cpu_s(devices.get(name, []))
+            times, snap = time_token(run, per_layer, bs, cpu[name] if n else None)
+            sent = clocks[id(bs)] if bs is not None else []
+            fan_out[name] += sent if n else []
+            sent.clear()
+            if n:
+                ms[name] += [1e3 * t for t in times]
+                snapshot_ms[name].append(1e3 * snap)
+                device_s[name] += cpu_s(devices.get(name, [])) - before
+    local = np.array(ms["local"])
+    return {
+        name: summarise(ms[name], local, fan_out[name], cpu[name])
+        | {"forward_snapshot_ms_median": float(np.median(snapshot_ms[name]))}
+        | ({"devices_cpu_ms_mean": 1e3 * device_s[name] / len(ms[name])} if name in devices else {})
+        for name in variants
+    }
+
+
+def decode_speed(
+    models: dict[str, tuple[WirelessModel, Variant]], tok: Any, new_tokens: int, rounds: int
+) -> dict[str, Any]:
+    """Greedy decoding of one prompt on every model (on its variant's plane), rounds alternating."""
     rates: dict[str, list[float]] = {name: [] for name in models}
     texts: dict[str, str] = {}
-    for _ in range(rounds):
-        for name, wm in models.items():
-            result = generate(wm, tok, PROMPT, max_new_tokens=new_tokens, record=False)
-            rates[name].append(result.decode_tokens_per_s)
-            texts[name] = result.text
+    for r in range(rounds + 1):
+        for name, (wm, variant) in models.items():
+            use(variant)
+            result = generate(wm, tok, PROMPT, max_new_tokens=new_tokens if r else 4, record=False)
+            if r:
+                rates[name].append(result.decode_tokens_per_s)
+                texts[name] = result.text
     base = statistics.median(rates["in-process"])
     return {
         name: {
@@ -262,28 +291,28 @@ def one_shard_worker(shard: Path) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\nper-layer fan-out/fan-in, {DEVICES} devices, top-7, 1 token per expert (goal: overhead < 1 ms)")
-    head = ("layer med", "p90", "overhead med", "p90", "fan-out", "BS rest", "1 RPC", "snapshot", "proc CPU")
-    print(f"  {'variant (ms)':<20}" + "".join(f"{h:>13}" for h in head))
-    keys: tuple[str, ...] = (
-        "layer_ms_median",
-        "layer_ms_p90",
-        "overhead_ms_median",
-        "overhead_ms_p90",
-        "fan_out_ms_median",
-    )
-    keys += ("bs_rest_ms_median", "rpc_floor_ms", "forward_snapshot_ms_median", "process_cpu_ms_median")
+    print(f"\nper-layer fan-out/fan-in, {DEVICES} devices, top-7, 1 token per expert (goal: overhead ≤ 1 ms)")
+    head = ("layer med", "p95", "overhead med", "p95", "fan-out med", "p95", "BS rest", "1 call")
+    head += ("snapshot", "BS CPU", "dev. CPU")
+    print(f"  {'variant (ms)':<24}" + "".join(f"{h:>13}" for h in head))
+    keys = ["layer_ms_median", "layer_ms_p95", "overhead_ms_median", "overhead_ms_p95", "fan_out_ms_median"]
+    keys += ["fan_out_ms_p95", "bs_rest_ms_median", "call_floor_ms", "forward_snapshot_ms_median"]
+    keys += ["process_cpu_ms_median", "devices_cpu_ms_mean"]
     for name, r in result["layer"].items():
-        print(f"  {name:<20}" + "".join(f"{r[k]:>13.3f}" if k in r else f"{'-':>13}" for k in keys))
-    print("  (fan-out: send all calls + gather; BS rest: planning and book-keeping; 1 RPC: one blocking")
-    print("   RunExpert round trip; snapshot: begin_forward, once per forward, not per layer;")
-    print("   proc CPU: this process's CPU per layer — the BS's own cost where devices are processes)")
+        print(f"  {name:<24}" + "".join(f"{r[k]:>13.3f}" if k in r else f"{'-':>13}" for k in keys))
     print(
-        f"\ndecode tokens/s, {result['new_tokens']} new tokens greedy, {result['rounds']} rounds (goal ≥ 0.5)"
+        "  (fan-out: send all + gather; BS rest: planning, books; 1 call: one call alone, from this thread;"
+    )
+    print(
+        "   snapshot: begin_forward, once per forward; BS CPU: this process's per layer, median (with device"
+    )
+    print("   threads, theirs too); dev. CPU: the 8 device processes' per layer, together, mean)")
+    print(
+        f"\ndecode tokens/s, {result['new_tokens']} new tokens greedy, {result['rounds']} rounds (goal ≥ 0.6)"
     )
     for name, r in result["decode"].items():
         print(
-            f"  {name:<22}{r['decode_tokens_per_s_median']:>8.2f} tok/s  ×{r['ratio_to_in_process']:.2f}"
+            f"  {name:<26}{r['decode_tokens_per_s_median']:>8.2f} tok/s  ×{r['ratio_to_in_process']:.2f}"
             f"  same text: {r['same_text_as_in_process']}"
         )
     print("\nworker memory (MB): shard files vs RSS / USS")
@@ -291,6 +320,47 @@ def print_table(result: dict[str, Any]) -> None:
     for r in rows:
         print(f"  device {r['device']!s:<8}{r['shard_mb']:>8.1f}{r['rss_mb']:>10.1f}{r['uss_mb']:>10.1f}")
     print(f"\nload average at start / end: {result['loadavg_start']} / {result['loadavg_end']}")
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both cells up, every variant timed per layer and in decoding, worker memory; the figures."""
+    net, tok = load_checkpoint("default")
+    reference = install(copy.deepcopy(net))  # keeps its experts: the LocalDispatcher's
+    local = reference.local_dispatcher()
+    with tempfile.TemporaryDirectory(prefix="wdmoe-bench-") as folder, torch.no_grad():
+        bs, server, devices = threaded_cell(net, tok, Path(folder))
+        with Cluster("default", DEVICES, settings=SETTINGS, overrides=NO_OUTAGE) as cluster:
+            freeze_heap()  # as `wdmoe serve-bs` does once it has started (the devices do it themselves)
+            memory_ready = worker_memory(cluster)
+            one_shard = one_shard_worker(cluster.devices[0].shards[0])
+            inputs = decode_inputs(reference, args.tokens, torch.Generator().manual_seed(0))
+            variants: dict[str, Variant] = {
+                "local": (local.run, None, ""),
+                "8 processes · stream": (cluster.bs.dispatcher.run, cluster.bs, "stream"),
+                "8 processes · gRPC": (cluster.bs.dispatcher.run, cluster.bs, "grpc"),
+                "8 threads · stream": (bs.dispatcher.run, bs, "stream"),
+            }
+            procs = [psutil.Process(d.process.pid) for d in cluster.devices if d.process is not None]
+            layer = layer_overhead(variants, inputs, {k: procs for k in variants if "processes" in k})
+            for name, variant in list(variants.items())[1:]:
+                use(variant)
+                run, station, plane = variant
+                assert station is not None
+                layer[name]["max_abs_diff_vs_local"] = max_difference(run, station, local.run, inputs[0])
+                layer[name]["call_floor_ms"] = call_floor_ms(station, int(net.config.hidden_size), plane)
+            models = {"in-process": (reference, variants["local"])} | {
+                name: (variant[1].wm, variant) for name, variant in variants.items() if variant[1] is not None
+            }
+            decode = decode_speed(models, tok, args.new_tokens, args.rounds)
+            memory_after = worker_memory(cluster)
+            cluster_totals = cluster.stats()["totals"]
+        for device in devices:
+            device.stop()
+        threads_totals = bs.summary()["totals"]
+        server.stop()
+    memory = {"workers_ready": memory_ready, "workers_after": memory_after, "one_shard_worker": one_shard}
+    totals = {"8 device processes": cluster_totals, "8 device threads": threads_totals}
+    return {"layer": layer, "decode": decode, "memory": memory, "bs_totals": totals}
 
 
 def main() -> None:
@@ -304,56 +374,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     started, load_start = time.monotonic(), os.getloadavg()
-
-    net, tok = load_checkpoint("default")
-    reference = install(copy.deepcopy(net))  # keeps its experts: the LocalDispatcher's
-    local = reference.local_dispatcher()
-    with tempfile.TemporaryDirectory(prefix="wdmoe-bench-") as folder, torch.no_grad():
-        bs, server, devices = threaded_cell(net, tok, Path(folder))
-        with Cluster("default", DEVICES, settings=SETTINGS) as cluster:
-            memory_ready = worker_memory(cluster)
-            one_shard = one_shard_worker(cluster.devices[0].shards[0])
-            inputs = decode_inputs(reference, args.tokens, torch.Generator().manual_seed(0))
-            variants: dict[str, tuple[Dispatch, BaseStation | None]] = {
-                "local": (local.run, None),
-                "8 device threads": (bs.dispatcher.run, bs),
-                "8 device processes": (cluster.bs.dispatcher.run, cluster.bs),
-            }
-            layer = layer_overhead(variants, inputs)
-            for name, (run, station) in list(variants.items())[1:]:
-                assert station is not None
-                layer[name]["max_abs_diff_vs_local"] = max_difference(run, local.run, inputs[0])
-                layer[name]["rpc_floor_ms"] = rpc_floor_ms(station, int(net.config.hidden_size))
-            models = {"in-process": reference, "8 device processes": cluster.wm, "8 device threads": bs.wm}
-            decode = decode_speed(models, tok, args.new_tokens, args.rounds)
-            memory_after = worker_memory(cluster)
-            cluster_totals = cluster.stats()["totals"]
-        for device in devices:
-            device.stop()
-        threads_totals = bs.summary()["totals"]
-        server.stop()
+    figures = measure(args)
     result = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "devices": DEVICES,
-        "settings": {
-            "mode": SETTINGS.mode,
-            "grace_s": SETTINGS.grace_s,
-            "emulate_links": SETTINGS.emulate_links,
-        },
-        "tokens": args.tokens,
-        "rounds": args.rounds,
-        "new_tokens": args.new_tokens,
+        "settings": {k: getattr(SETTINGS, k) for k in ("mode", "grace_s", "emulate_links")},
+        **{k: getattr(args, k) for k in ("tokens", "rounds", "new_tokens")},
         "prompt": PROMPT,
-        "layer": layer,
-        "decode": decode,
-        "memory": {
-            "workers_ready": memory_ready,
-            "workers_after": memory_after,
-            "one_shard_worker": one_shard,
-        },
-        "bs_totals": {"8 device processes": cluster_totals, "8 device threads": threads_totals},
+        **figures,
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "wall_s": time.monotonic() - started,

@@ -57,11 +57,11 @@ class Lab:
         self.server.stop()
 
 
-
 @contextmanager
 def static_bs(wm, placement, timeout_s, token=TOKEN):
     """A BS (no gRPC face) over devices known by address, {(layer, expert): "host:port"}, whose calls
-    may take ``timeout_s``; closed and ``wm`` given back its in-process dispatcher on exit."""
+    may take ``timeout_s``; closed and ``wm`` given back its in-process dispatcher on exit. Static
+    devices advertise no data plane: these calls travel as gRPC RunExpert calls."""
     slots = len(set(placement.values()))
     scenario = fit_scenario(load_scenario("lab", [f"cell.num_devices={slots}"]), wm, "mixtral")
     bs = BaseStation(wm, None, scenario, RuntimeSettings(slack=1.0, grace_s=timeout_s), token=token)

@@ -1,5 +1,5 @@
 """The BS under load and abuse: many users at once, a chronic straggler, lapsed heartbeats, devices
-that answer garbage, clients of a silent BS, and the whole RPC surface fuzzed."""
+that answer garbage (on both data planes), clients of a silent BS, and the whole RPC surface fuzzed."""
 
 import json
 import math
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lab import TOKEN
-from wdmoe.runtime import api, service
+from wdmoe.runtime import api, dataplane, service
 from wdmoe.runtime.bs import RuntimeSettings
 from wdmoe.runtime.client import BSClient, BSError
 from wdmoe.runtime.device import RUN_EXPERT, SERVICE
@@ -116,9 +116,10 @@ def test_requests_beyond_the_queue_are_refused_and_queued_ones_hear_their_place(
     assert lab.client.stats()["queue"] == {"active": 0, "queued": 0, "refused": 1}
 
 
-def test_a_chronic_straggler_is_benched_probed_and_readmitted(lab_factory, tmp_path):
+@pytest.mark.parametrize("plane", ["stream", "grpc"])
+def test_a_chronic_straggler_is_benched_probed_and_readmitted(lab_factory, tmp_path, plane):
     log = tmp_path / "m.jsonl"
-    settings = RuntimeSettings(grace_s=0.2, slack=2.0, bench_after=2, bench_s=0.3)
+    settings = RuntimeSettings(grace_s=0.2, slack=2.0, bench_after=2, bench_s=0.3, data_plane=plane)
     lab = lab_factory(devices=4, settings=settings, delays={2: 1.0}, log=log)
     start = time.monotonic()
     m = lab.client.generate(api.GenerateRequest(PROMPT, max_new_tokens=8))
@@ -198,7 +199,7 @@ class BadDevice:
     def __init__(self, answer):
         self.answer = answer
 
-    def run(self, request, context):
+    def reply(self, request, arrived_s=None):
         msgs, bundled = decode_all(request)
         frames = [self.answer(m.request_id, m.hidden) for m in msgs]
         if not bundled:
@@ -210,24 +211,27 @@ class BadDevice:
         )
 
     def handler(self):
-        method = grpc.unary_unary_rpc_method_handler(self.run)
+        method = grpc.unary_unary_rpc_method_handler(lambda request, context: self.reply(request))
         return grpc.method_handlers_generic_handler(SERVICE, {"RunExpert": method})
 
 
 HOW = ["huge_dims", "nan", "inf", "shape", "dtype", "other_id", "request", "random"]
 
 
-@pytest.fixture
-def bad_lab(lab_factory):
-    """A lab of 2 devices whose device 1 is replaced by a BadDevice hosting the same experts."""
+@pytest.fixture(params=["grpc", "stream"])
+def bad_lab(lab_factory, request):
+    """A lab of 2 devices whose device 1 is a BadDevice hosting the same experts (on gRPC or streams)."""
     lab = lab_factory(devices=2, settings=RuntimeSettings(bench_after=10**6))
     state = {"answer": None}
     bad = BadDevice(lambda rid, hidden: state["answer"](rid, hidden))
     server, port = start_server(bad.handler(), TOKEN, "127.0.0.1", 0, None)
+    stream = dataplane.StreamServer(bad.reply, TOKEN)
+    data = f"127.0.0.1:{stream.port}" if request.param == "stream" else ""
     lab.devices[1].registrar.stop()
     experts = tuple(lab.devices[1].hosted)
-    lab.bs.register(api.Registration(1, f"127.0.0.1:{port}", experts))
+    lab.bs.register(api.Registration(1, f"127.0.0.1:{port}", experts, "", data, dataplane.VERSION))
     yield lab, state
+    stream.stop()
     server.stop(None).wait()
 
 
@@ -253,6 +257,9 @@ def test_a_request_survives_a_device_whose_every_answer_is_garbage(bad_lab):
     state["answer"] = lambda rid, hidden: bad_response(rid, hidden, "huge_dims", None)
     m = lab.client.generate(api.GenerateRequest(PROMPT, max_new_tokens=3))
     assert m["new_tokens"] == 3 and m["dropped"] > 0
+    bad, links = lab.bs.registry.devices[1], lab.bs.links  # called on the plane the fixture chose
+    stream = bool(bad.data_address)
+    assert (bad.address in links.streams, bad.address in links.channels) == (stream, not stream)
 
 
 # --- clients --------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ def test_cluster_warns_about_a_degraded_answer_and_fails_a_lost_one(capsys):
         (["--inject-delay-ms", "-5"], "--inject-delay-ms must be in 0..3600000"),
         (["--inject-delay-ms", "nan"], "--inject-delay-ms must be in 0..3600000"),
         (["--slot", "-1"], "--slot must be ≥ 0"),
+        (["--data-port", "70000"], "--data-port must be in 0..65535"),
     ],
 )
 def test_device_flags_out_of_range_are_one_line_errors(folder, capsys, flags, says):
@@ -171,3 +172,15 @@ def test_device_shards_that_are_missing_or_not_safetensors_are_named(tmp_path, c
 def test_serve_bs_refuses_a_port_out_of_range():
     result = CliRunner().invoke(app, ["serve-bs", "--port", "70000", "--token", "t"])
     assert result.exit_code == 2 and "--port must be in 0..65535" in result.output
+
+
+def test_the_data_plane_is_a_checked_setting_that_reaches_a_bs_process():
+    from wdmoe.runtime.cluster import settings_args
+
+    with pytest.raises(ConfigError, match="data_plane = 'pigeon' is not allowed; choose one of: stream"):
+        RuntimeSettings(data_plane="pigeon")
+    args = settings_args(RuntimeSettings(data_plane="grpc"))
+    assert args[args.index("--data-plane") + 1] == "grpc"
+    for cmd in (["serve-bs", "--token", "t"], ["cluster"]):
+        result = CliRunner().invoke(app, [*cmd, "--data-plane", "pigeon"])
+        assert result.exit_code == 2 and "data_plane" in result.output, result.output

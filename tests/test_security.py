@@ -1,6 +1,8 @@
-"""TLS, mutual TLS and token authentication of the runtime's gRPC links (wdmoe.runtime.security)."""
+"""TLS, mutual TLS and token authentication of the runtime's gRPC links and the ssl contexts of its
+data plane (wdmoe.runtime.security; the data plane's own tests are in test_dataplane.py)."""
 
 import socket
+import ssl
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -16,8 +18,10 @@ from wdmoe.runtime.security import (
     TokenAuth,
     add_port,
     bearer,
+    client_ssl_context,
     make_test_pki,
     open_channel,
+    server_ssl_context,
 )
 
 TOKEN = "s3cret-token"
@@ -238,3 +242,75 @@ def test_server_tls_needs_cert_and_key(pki: dict[str, Path]) -> None:
             add_port(server, "127.0.0.1:0", TLSFiles(None, None, pki["ca"]))
     finally:
         server.stop(None).wait()
+
+
+# --- the data plane's ssl contexts, from the same files --------------------------------------------
+
+
+def test_data_plane_contexts_require_client_certificates_exactly_when_a_ca_is_given(
+    pki: dict[str, Path],
+) -> None:
+    assert server_ssl_context(server_tls(pki)).verify_mode == ssl.CERT_REQUIRED  # mutual, as gRPC
+    assert server_ssl_context(server_tls(pki, mutual=False)).verify_mode == ssl.CERT_NONE
+    client = client_ssl_context(TLSFiles(pki["client_cert"], pki["client_key"], pki["ca"]))
+    assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname
+    assert client.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_data_plane_contexts_name_a_missing_or_bad_file(pki: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cert and TLS key"):
+        server_ssl_context(TLSFiles(None, None, pki["ca"]))
+    with pytest.raises(ConfigError, match=r"TLS ca file .*nope\.pem.* does not exist"):
+        client_ssl_context(TLSFiles(None, None, tmp_path / "nope.pem"))
+    der = tmp_path / "cert.der"
+    der.write_bytes(b"\x30\x82\x01\x0a")
+    with pytest.raises(ConfigError, match=r"TLS cert file .*cert\.der.* is not PEM"):
+        server_ssl_context(TLSFiles(der, pki["server_key"], None))
+
+
+def test_data_plane_mutual_tls_handshake_and_refusals(pki: dict[str, Path]) -> None:
+    """A TLS echo over asyncio streams with the data plane's contexts: the client of the same CA is
+    served; one without a certificate, or of another CA, is refused."""
+    import asyncio
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(await reader.readexactly(2))
+            await writer.drain()
+        except (OSError, EOFError):
+            pass
+        finally:
+            writer.close()
+
+    async def talk(port: int, tls: TLSFiles) -> bytes:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ssl_context(tls), server_hostname="127.0.0.1"
+        )
+        writer.write(b"hi")
+        try:
+            return await asyncio.wait_for(reader.read(), TIMEOUT_S)
+        finally:
+            writer.close()
+
+    async def run() -> dict[str, Any]:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ssl_context(server_tls(pki)))
+        port = server.sockets[0].getsockname()[1]
+        out: dict[str, Any] = {}
+        clients = {
+            "same CA": TLSFiles(pki["client_cert"], pki["client_key"], pki["ca"]),
+            "no certificate": TLSFiles(None, None, pki["ca"]),
+            "other CA": TLSFiles(pki["other_client_cert"], pki["other_client_key"], pki["ca"]),
+        }
+        for who, tls in clients.items():
+            try:
+                out[who] = await talk(port, tls)
+            except (OSError, EOFError) as err:  # ssl.SSLError is an OSError
+                out[who] = err
+        server.close()
+        return out
+
+    out = asyncio.run(run())
+    assert out["same CA"] == b"hi"
+    assert all(
+        not isinstance(out[who], bytes) or out[who] == b"" for who in ("no certificate", "other CA")
+    ), out

@@ -279,6 +279,32 @@ def test_slots_and_experts_fit_the_wire():
     assert reg.slot == 2**32 - 1 and reg.experts == ((2**32 - 1, 0),)
 
 
+def test_a_registration_without_a_data_plane_still_parses_and_one_with_it_round_trips():
+    old = api.parse_registration(message(REG))  # as devices sent it before the data plane
+    assert (old.data_address, old.data_version) == ("", 0)
+    new = api.Registration(3, "10.0.0.7:50051", ((1, 2),), "dev3", "10.0.0.7:50061", 1)
+    assert api.parse_registration(api.encode_registration(new)) == new
+    assert b'"data"' not in api.encode_registration(old)
+    later = api.parse_registration(message(REG, data={"v": 7, "address": "h:1", "extra": True}))
+    assert (later.data_address, later.data_version) == ("h:1", 7)  # the BS decides what it speaks
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ("h:1", "'data' must be dict"),
+        ({"address": "h:1"}, "lacks the field 'v'"),
+        ({"v": 0, "address": "h:1"}, r"'v' must be in 1\.\.255"),
+        ({"v": True, "address": "h:1"}, "'v' must be int"),
+        ({"v": 1}, "lacks the field 'address'"),
+        ({"v": 1, "address": "::1:50061"}, "data field 'address' must be HOST:PORT"),
+        ({"v": 1, "address": "x" * 100_000 + ":1"}, "data field 'address'"),
+    ],
+)
+def test_a_bad_data_plane_in_a_registration_is_named(data, says):
+    refused(api.parse_registration, message(REG, data=data), says)
+
+
 def test_booleans_are_still_not_versions():
     for v in (True, "1", None, [1]):
         refused(api.parse_generate, message(GEN, v=v), "API version")
@@ -345,7 +371,7 @@ def parsed_or_refused(parse, data: bytes):
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=mutated(REG | {"slot": 3, "experts": [[0, 1], [2, 3]]}))
+@given(data=mutated(REG | {"slot": 3, "experts": [[0, 1], [2, 3]], "data": {"v": 1, "address": "h:2"}}))
 def test_fuzzed_registrations_parse_within_range_or_raise_api_error(data):
     reg = parsed_or_refused(api.parse_registration, data)
     if reg is None:
@@ -355,6 +381,8 @@ def test_fuzzed_registrations_parse_within_range_or_raise_api_error(data):
     assert 0 < int(reg.address.rpartition(":")[2]) < 65536
     assert reg.experts and all(type(v) is int and 0 <= v < 2**32 for pair in reg.experts for v in pair)
     assert isinstance(reg.name, str) and len(reg.name) <= 128 and utf8(reg.name)
+    assert reg.data_address == "" or ADDRESS.fullmatch(reg.data_address)
+    assert type(reg.data_version) is int and (reg.data_version == 0) == (reg.data_address == "")
 
 
 @settings(max_examples=200, deadline=None)

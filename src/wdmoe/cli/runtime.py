@@ -31,6 +31,13 @@ TokenOpt = Annotated[
 TlsCert = Annotated[str | None, typer.Option(help="PEM certificate (enables TLS).")]
 TlsKey = Annotated[str | None, typer.Option(help="PEM private key of the certificate.")]
 TlsCa = Annotated[str | None, typer.Option(help="PEM CA: require and verify the peers' certificates (mTLS).")]
+DataPlaneOpt = Annotated[
+    str,
+    typer.Option(
+        help="How expert calls travel: stream (one persistent connection per device) or grpc "
+        "(a RunExpert call each)."
+    ),
+]
 
 
 def check_port(port: int) -> None:
@@ -83,6 +90,7 @@ def serve_bs_cmd(
         int, typer.Option(help="Requests that may wait for a turn; more get RESOURCE_EXHAUSTED.")
     ] = 256,
     seed: Annotated[int | None, typer.Option(help="Channel trace seed (default: the scenario's).")] = None,
+    data_plane: DataPlaneOpt = "stream",
     metrics_log: Annotated[
         Path | None, typer.Option(help="Append JSON lines: devices up/down, requests, summary.")
     ] = None,
@@ -93,6 +101,7 @@ def serve_bs_cmd(
     """Run the BS: the model's BS part, the cell, and a generate API for users; devices register here."""
     from wdmoe.runtime.bs import build_bs
     from wdmoe.runtime.security import TLSFiles
+    from wdmoe.runtime.server import freeze_heap
     from wdmoe.runtime.service import serve_bs
 
     quiet_transformers()
@@ -117,6 +126,7 @@ def serve_bs_cmd(
             max_active=max_active,
             max_queue=max_queue,
             seed=seed,
+            data_plane=data_plane,
         )
         bs = build_bs(
             model, scenario, set_ or [], settings, token=secret, top_k=top_k, tls=tls, metrics_log=metrics_log
@@ -124,11 +134,13 @@ def serve_bs_cmd(
         server = serve_bs(bs, secret, host, port)
     except (WdmoeError, OSError) as e:
         raise fail(e) from e
+    freeze_heap()
     stop_on_signals()
     err.print(
         f"BS listening on {server.address} · {model} · {len(bs.wm.blocks)} MoE layers × {bs.wm.num_experts} "
         f"experts · cell {scenario} with {bs.num_slots} device slots · policy {policy} · mode {mode}"
         + (" · links emulated" if emulate_links else "")
+        + f" · data plane {data_plane}"
     )
     try:
         server.wait_for_termination()
@@ -151,8 +163,8 @@ def stop_on_signals() -> None:
 
 
 def device_cmd(ctx: typer.Context) -> None:
-    """Run a device worker (flags: --bs HOST:PORT --slot U --shards F… [--port --host --advertise
-    --token --tls-cert --tls-key --tls-ca --inject-delay-ms]; `wdmoe device --help` lists them)."""
+    """Run a device worker (flags: --bs HOST:PORT --slot U --shards F… [--port --data-port --host
+    --advertise --token --tls-cert --tls-key --tls-ca --inject-delay-ms]; `wdmoe device --help`)."""
     from wdmoe.runtime.device import main
 
     main(ctx.args, prog="wdmoe device")
@@ -226,6 +238,7 @@ def cluster_cmd(
     replicas: Annotated[int, typer.Option(help="Devices holding each expert.")] = 1,
     emulate_links: Annotated[bool, typer.Option(help="Wait out the channel's DL/UL delays.")] = False,
     time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second.")] = 1.0,
+    data_plane: DataPlaneOpt = "stream",
     metrics_log: Annotated[Path | None, typer.Option(help="The BS's JSON-lines metrics log.")] = None,
 ) -> None:
     """Start a BS and N device workers on this machine, answer the prompt through them, summarise, stop."""
@@ -236,14 +249,13 @@ def cluster_cmd(
     if max_new_tokens < 1:
         raise fail(ValueError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}"))
     try:
-        settings = settings_from(
-            policy,
-            param or [],
-            allocator=allocator,
-            mode=mode,
-            emulate_links=emulate_links,
-            time_scale=time_scale,
-        )
+        fields = {
+            "allocator": allocator,
+            "mode": mode,
+            "emulate_links": emulate_links,
+            "time_scale": time_scale,
+        }
+        settings = settings_from(policy, param or [], data_plane=data_plane, **fields)
         with Cluster(
             model,
             devices,

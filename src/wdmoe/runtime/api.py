@@ -4,8 +4,8 @@ Hidden states travel in the binary frames of :mod:`wdmoe.runtime.wire`; everythi
 devices, users and the BS is a JSON object with ``"v": API_VERSION``, parsed here with a
 :class:`ApiError` naming the field that is wrong. Pure: bytes in, values out.
 
-    /wdmoe.BS/Register   unary    {"v", "slot", "address", "experts": [[layer, expert], …], "name"}
-                                  → {"v", "boot", "heartbeat_s"}
+    /wdmoe.BS/Register   unary    {"v", "slot", "address", "experts": [[layer, expert], …], "name",
+                                   "data": {"v", "address"}} → {"v", "boot", "heartbeat_s"}
     /wdmoe.BS/Generate   stream   {"v", "prompt", "max_new_tokens", "temperature", "top_p", "seed",
                                    "chat", "system"} → {"text": …} … then {"done": true, "metrics": {…}}
     /wdmoe.BS/Stats      unary    {"v"} → {"v", "devices": […], "requests": …, "totals": {…}}
@@ -14,7 +14,9 @@ Limits a message must keep: at most MAX_API_BYTES bytes and MAX_DEPTH levels of 
 string encodable as UTF-8 (no lone surrogates such as "\\ud800"); Register "slot" and each layer
 and expert in [0, 2^32); "address" HOST:PORT with an ASCII host of at most 253 characters (a
 hostname, IPv4, or bracketed IPv6 "[::1]") and a port of 1–5 ASCII digits in 1..65535; "name" at
-most MAX_NAME_CHARS characters; Generate "seed" in [0, 2^63). Error messages quote at most a short
+most MAX_NAME_CHARS characters; "data" optional (older devices send none): the device's data plane,
+its protocol version "v" in [1, 255] and its HOST:PORT "address" (as "address"); Generate "seed"
+in [0, 2^63). Error messages quote at most a short
 excerpt of a bad value.
 """
 
@@ -46,12 +48,16 @@ class ApiError(WdmoeError, ValueError):
 
 @dataclass(frozen=True)
 class Registration:
-    """A device announcing itself: its cell position ``slot``, where the BS reaches it, what it hosts."""
+    """A device announcing itself: its cell position ``slot``, where the BS reaches it, what it hosts;
+    ``data_address``: where its data plane listens ("" when it has none), which speaks version
+    ``data_version`` of :mod:`wdmoe.runtime.dataplane` (a BS that speaks another calls it on gRPC)."""
 
     slot: int
     address: str
     experts: tuple[tuple[int, int], ...]
     name: str = ""
+    data_address: str = ""
+    data_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,10 @@ def index_field(obj: dict[str, Any], name: str, what: str) -> int:
 
 
 def encode_registration(reg: Registration) -> bytes:
-    return dump({"slot": reg.slot, "address": reg.address, "experts": list(reg.experts), "name": reg.name})
+    obj = {"slot": reg.slot, "address": reg.address, "experts": list(reg.experts), "name": reg.name}
+    if reg.data_address:
+        obj["data"] = {"v": reg.data_version, "address": reg.data_address}
+    return dump(obj)
 
 
 def parse_registration(data: bytes) -> Registration:
@@ -179,21 +188,33 @@ def parse_registration(data: bytes) -> Registration:
     pairs = parse_experts(field(obj, "experts", list, "Register"))
     name = field(obj, "name", str, "Register", "")
     check_text(name, "name", "Register", MAX_NAME_CHARS)
-    return Registration(slot, address, pairs, name)
+    data_address, data_version = parse_data_plane(field(obj, "data", dict, "Register", None))
+    return Registration(slot, address, pairs, name, data_address, data_version)
+
+
+def parse_data_plane(data: dict[str, Any] | None) -> tuple[str, int]:
+    """(address, version) of a registration's "data" object; ("", 0) when it has none."""
+    if data is None:
+        return "", 0
+    version: int = field(data, "v", int, "Register data")
+    if not 1 <= version <= 255:
+        raise ApiError(f"Register data field 'v' must be in 1..255, got {brief(version)}")
+    address = field(data, "address", str, "Register data")
+    return check_address(address, "Register data field 'address'"), version
 
 
 # host: a bracketed IPv6 (with an optional zone), or a hostname / IPv4; port: 1–5 ASCII digits.
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
 
 
-def check_address(address: str) -> str:
+def check_address(address: str, what: str = "Register field 'address'") -> str:
     """HOST:PORT the BS can dial; refuses non-ASCII digits ("٥٠٠٥٠" passes str.isdigit) and
     unbracketed IPv6 (gRPC reads "::1:50051" as a host without a port)."""
     match = _ADDRESS.fullmatch(address)
     ok = match is not None and len(match[1]) <= MAX_HOST_CHARS and 0 < int(match[2]) < 65536
     if not ok:
         raise ApiError(
-            f"Register field 'address' must be HOST:PORT (an ASCII hostname, IPv4 or [IPv6] of at most "
+            f"{what} must be HOST:PORT (an ASCII hostname, IPv4 or [IPv6] of at most "
             f"{MAX_HOST_CHARS} characters, a port in 1..65535), got {brief(address)}"
         )
     return address

@@ -37,7 +37,7 @@ from wdmoe.latency.pricing import Priced, forward_overheads, stack_layers
 from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.install import ForwardCall, WirelessModel
 from wdmoe.policies import make_policy
-from wdmoe.runtime import api
+from wdmoe.runtime import api, dataplane
 from wdmoe.runtime.books import Books, RequestStats
 from wdmoe.runtime.dispatch import DeviceDispatcher, Forward
 from wdmoe.runtime.links import Links
@@ -117,7 +117,7 @@ class BaseStation:
             self.num_slots, layers, wm.num_experts, hb, hb, bench_after=s.bench_after, bench_s=s.bench_s
         )
         self.books = Books(self.num_slots, metrics_log)
-        self.links = Links(wire_dtype, token, tls)
+        self.links = Links(wire_dtype, token, tls, s.data_plane)
         local = wm.local_dispatcher() if s.mode == "fallback" else None
         self.dispatcher = DeviceDispatcher(s, self.scenario, self.registry, self.books, self.links, local)
         wm.set_policy(make_policy(s.policy, **dict(s.params)))
@@ -214,11 +214,21 @@ class BaseStation:
     # --- devices, users, statistics ---------------------------------------------------------
 
     def register(self, reg: api.Registration, static: bool = False) -> DeviceEntry:
-        entry, came_up = self.registry.register(reg.slot, reg.address, reg.experts, reg.name, static)
+        """Add or refresh a device; its data plane is used when it speaks our version of it (else
+        it is called over gRPC)."""
+        data = reg.data_address if reg.data_version == dataplane.VERSION else ""
+        entry, came_up = self.registry.register(
+            reg.slot, reg.address, reg.experts, reg.name, static, data_address=data
+        )
         if came_up:
             self.links.forget(reg.address, wait=False)
             self.books.event(
-                "device_up", slot=reg.slot, address=reg.address, experts=len(reg.experts), name=reg.name
+                "device_up",
+                slot=reg.slot,
+                address=reg.address,
+                data_address=data,
+                experts=len(reg.experts),
+                name=reg.name,
             )
         return entry
 

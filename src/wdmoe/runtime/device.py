@@ -1,10 +1,13 @@
-"""A device worker: a gRPC server that holds a few expert shards and runs them on request.
+"""A device worker: holds a few expert shards and runs them on request, on two planes.
 
-It loads only the shard files it is given (never the whole model) and serves
-``/wdmoe.Device/RunExpert``: wire-encoded ``ExpertRequest`` bytes in, ``ExpertResponse`` bytes out
-(with the measured compute time), plus the standard ``grpc.health.v1`` service. Generic bytes
-handlers, so no protoc step is needed. Given a BS address it registers there and re-registers
-every heartbeat (so it is found again after the BS or the device restarts).
+It loads only the shard files it is given (never the whole model). Its data plane
+(:class:`~wdmoe.runtime.dataplane.StreamServer`, ``--data-port``) answers the BS's expert calls on
+one persistent connection; its gRPC server answers ``/wdmoe.Device/RunExpert`` the same way (for a
+BS that speaks no data plane, and tools) plus the standard ``grpc.health.v1`` service. Both take
+wire-encoded ``ExpertRequest`` bytes and give ``ExpertResponse`` bytes (with the measured compute
+time) through one function, :meth:`DeviceWorker.respond`. Given a BS address it registers there
+with both addresses and re-registers every heartbeat (so it is found again after the BS or the
+device restarts).
 
     wdmoe device --bs 127.0.0.1:50050 --slot 0 --shards out/L000_E001.safetensors … --port 50051
     python -m wdmoe.runtime.device …   (the same, without typer)
@@ -18,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,10 @@ import torch
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.models.experts import ExpertWeights, run_expert
 from wdmoe.models.split import load_expert_shard
-from wdmoe.runtime import api
+from wdmoe.runtime import api, dataplane
+from wdmoe.runtime.dataplane import Refused, StreamServer
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
-from wdmoe.runtime.server import start_server
+from wdmoe.runtime.server import freeze_heap, start_server
 from wdmoe.runtime.wire import ExpertRequest, ExpertResponse, WireError, decode_all, encode, encode_bundle
 from wdmoe.types import ExpertKey
 
@@ -38,14 +42,6 @@ log = logging.getLogger("wdmoe.device")
 
 SERVICE = "wdmoe.Device"
 RUN_EXPERT = f"/{SERVICE}/RunExpert"
-
-
-class Refused(WdmoeError):
-    """A request the device answers with a gRPC status instead of outputs."""
-
-    def __init__(self, code: Any, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class DeviceWorker:
@@ -72,46 +68,56 @@ class DeviceWorker:
                 run_expert(weights, torch.zeros(1, weights.hidden_size, dtype=weights.down.dtype))
 
     def run_expert(self, request: bytes, context: Any) -> bytes:
-        """RunExpert: a refused or malformed request aborts that call with a status, never the server.
-        A request whose deadline has passed by the time it could run is not computed."""
+        """RunExpert on gRPC: :meth:`respond`; a refusal aborts that call with its status, never the
+        server. The server's TokenAuth has authenticated it."""
         try:
-            if self.delay_s:
-                time.sleep(self.delay_s)
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise Refused(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it ran"
-                )
-            return self.answer(request)
+            return self.respond(request, time.monotonic(), context.time_remaining)
         except Refused as refused:
-            context.abort(refused.code, refused.message)
+            context.abort(grpc.StatusCode[refused.code], refused.message)
             raise  # unreachable: abort raises
 
-    def answer(self, request: bytes) -> bytes:
-        """Decode, check, run and time the expert(s), encode the response (a bundle of responses
-        for a bundle of requests, in the same order). The server's TokenAuth has authenticated it."""
+    def respond(
+        self, request: bytes, arrived_s: float, remaining_s: Callable[[], float | None] = lambda: None
+    ) -> bytes:
+        """The reply to one request — a response frame, or a bundle of them in the order of a bundle
+        of requests — or :class:`Refused`; what both planes' handlers run. Malformed →
+        INVALID_ARGUMENT, an expert not hosted → NOT_FOUND; a deadline that passed before the request
+        could run (the call's, ``remaining_s()``, or the frames' own ``deadline_s`` counted from
+        ``arrived_s``, monotonic seconds) → DEADLINE_EXCEEDED, and nothing is computed."""
+        requests, bundled = self.decode(request)
+        for wait_s in (0.0, self.delay_s):  # checked again after the injected delay
+            if wait_s:
+                time.sleep(wait_s)
+            if late(requests, arrived_s, remaining_s()):
+                raise Refused("DEADLINE_EXCEEDED", "the request's deadline passed before it could run")
+        replies: list[ExpertRequest | ExpertResponse] = [self.run_one(req) for req in requests]
+        return encode_bundle(replies) if bundled else encode(replies[0])
+
+    @staticmethod
+    def decode(request: bytes) -> tuple[list[ExpertRequest], bool]:
+        """The expert requests of a frame or bundle, and whether it was a bundle (else Refused)."""
         try:
             messages, bundled = decode_all(request)
         except WireError as err:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {err}") from err
-        if not isinstance(messages[0], ExpertRequest):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed request: expected expert requests")
-        replies = [self.run_one(req) for req in messages if isinstance(req, ExpertRequest)]
-        return encode_bundle(list(replies)) if bundled else encode(replies[0])
+            raise Refused("INVALID_ARGUMENT", f"malformed request: {err}") from err
+        requests = [m for m in messages if isinstance(m, ExpertRequest)]
+        if len(requests) != len(messages):
+            raise Refused("INVALID_ARGUMENT", "malformed request: expected expert requests")
+        return requests, bundled
 
     def run_one(self, req: ExpertRequest) -> ExpertResponse:
         """Check and run one expert request; its response with the measured compute time."""
         weights = self.experts.get((req.layer, req.expert))
         if weights is None:
             raise Refused(
-                grpc.StatusCode.NOT_FOUND,
+                "NOT_FOUND",
                 f"this device does not host layer {req.layer} expert {req.expert}; "
                 f"it hosts (layer, expert) {sorted(self.experts)}",
             )
         x = req.hidden
         if x.dim() != 2 or x.shape[1] != weights.hidden_size or not x.is_floating_point():
             raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_ARGUMENT",
                 f"hidden must be a float tensor [n, {weights.hidden_size}], got {x.dtype} {list(x.shape)}",
             )
         start = time.perf_counter()
@@ -122,6 +128,15 @@ class DeviceWorker:
     def handler(self) -> Any:
         method = grpc.unary_unary_rpc_method_handler(self.run_expert)  # bytes in, bytes out
         return grpc.method_handlers_generic_handler(SERVICE, {"RunExpert": method})
+
+
+def late(requests: list[ExpertRequest], arrived_s: float, remaining_s: float | None) -> bool:
+    """Whether a request's time is up: the call's ``remaining_s`` (None: unknown) or the frames'
+    own budget ``deadline_s`` (0: none set) counted from ``arrived_s`` (monotonic seconds)."""
+    budgets = [r.deadline_s for r in requests if r.deadline_s > 0]
+    if remaining_s is not None and remaining_s <= 0:
+        return True
+    return bool(budgets) and time.monotonic() - arrived_s >= min(budgets)
 
 
 class Registrar:
@@ -198,13 +213,22 @@ class Registrar:
 class DeviceServer:
     """A started worker: ``address`` to give the BS, ``stop()`` (or ``with``) to end it."""
 
-    def __init__(self, worker: DeviceWorker, server: Any, host: str, port: int) -> None:
+    def __init__(self, worker: DeviceWorker, server: Any, host: str, port: int, stream: StreamServer) -> None:
         self.worker, self.server, self.host, self.port = worker, server, host, port
+        self.stream = stream
         self.registrar: Registrar | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def data_port(self) -> int:
+        return self.stream.port
+
+    @property
+    def data_address(self) -> str:
+        return f"{self.host}:{self.data_port}"
 
     @property
     def hosted(self) -> list[ExpertKey]:
@@ -219,14 +243,20 @@ class DeviceServer:
         tls: TLSFiles | None = None,
         name: str = "",
     ) -> Registrar:
-        """Register with the BS (and keep doing so every heartbeat) as cell device ``slot``."""
-        reg = api.Registration(slot, advertise or self.address, tuple(self.hosted), name)
+        """Register with the BS (and keep doing so every heartbeat) as cell device ``slot``; the data
+        plane is advertised on the host of ``advertise`` (when given) at its own port."""
+        host = advertise.rpartition(":")[0] if advertise else self.host
+        data = f"{host}:{self.data_port}"
+        reg = api.Registration(
+            slot, advertise or self.address, tuple(self.hosted), name, data, dataplane.VERSION
+        )
         self.registrar = Registrar(bs_address, token, reg, tls).start()
         return self.registrar
 
     def stop(self, grace_s: float | None = None) -> None:
         if self.registrar is not None:
             self.registrar.stop()
+        self.stream.stop()
         self.server.stop(grace_s).wait()
 
     def __enter__(self) -> "DeviceServer":
@@ -245,18 +275,26 @@ def serve(
     *,
     tls: TLSFiles | None = None,
     delay_s: float = 0.0,
+    data_port: int = 0,
 ) -> DeviceServer:
-    """Load ``shards`` and start serving on host:port (0 picks a free port); returns once listening."""
+    """Load ``shards`` and serve them: gRPC on host:port, the data plane on host:data_port (0 picks
+    a free port); returns once both listen."""
     worker = DeviceWorker.from_shards(shards, delay_s)
     worker.warm()
     server, bound = start_server(worker.handler(), token, host, port, tls, workers)
-    return DeviceServer(worker, server, host, bound)
+    try:
+        stream = StreamServer(worker.respond, token, host, data_port, tls)
+    except BaseException:
+        server.stop(None).wait()
+        raise
+    return DeviceServer(worker, server, host, bound, stream)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """ConfigError naming the first flag with a value the worker cannot use."""
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    for flag, port in (("--port", args.port), ("--data-port", args.data_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{flag} must be in 0..65535 (0: any free port), got {port}")
     if not math.isfinite(args.inject_delay_ms) or not 0 <= args.inject_delay_ms <= 3.6e6:
         raise ConfigError(f"--inject-delay-ms must be in 0..3600000 ms, got {args.inject_delay_ms}")
     if args.bs and args.slot is None:
@@ -272,6 +310,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m wdmoe.runtime
     parser = argparse.ArgumentParser(prog=prog, description="wdmoe device worker")
     parser.add_argument("--shards", nargs="+", type=Path, required=True, help="expert shard files to host")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    parser.add_argument(
+        "--data-port", type=int, default=0, help="port of the data plane (expert calls; 0: any free port)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     token = os.environ.get("WDMOE_TOKEN", "")
     parser.add_argument("--token", default=token, help="shared token (default: $WDMOE_TOKEN)")
@@ -293,12 +334,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m wdmoe.runtime
         check_args(args)
         tls = TLSFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
         device = serve(
-            args.shards, args.port, args.token, args.host, tls=tls, delay_s=args.inject_delay_ms / 1e3
+            args.shards,
+            args.port,
+            args.token,
+            args.host,
+            tls=tls,
+            delay_s=args.inject_delay_ms / 1e3,
+            data_port=args.data_port,
         )
     except (WdmoeError, OSError) as err:  # one line and status 2, no usage, no traceback
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"device listening on {device.address}, hosting {device.hosted}", flush=True)
+    freeze_heap()
+    print(
+        f"device listening on {device.address} (data plane {device.data_address}), hosting {device.hosted}",
+        flush=True,
+    )
     if args.bs:
         device.register(args.bs, args.token, args.slot, args.advertise, tls, args.name)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly (deregister, close)

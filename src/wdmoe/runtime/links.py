@@ -1,7 +1,10 @@
-"""The BS's links to its devices: one grpc.aio channel per device on an event-loop thread, the
-RunExpert call carrying a device's experts of a layer (a frame, or a bundle of frames), and the
-emulated downlink / uplink delays. No decisions here: the dispatcher says whom to call with what,
-and how long each call may take.
+"""The BS's links to its devices, on one event-loop thread (uvloop's where installed): the call
+carrying a device's experts of a layer (a frame, or a bundle of frames) and the emulated downlink /
+uplink delays. A call travels on the device's data plane — one persistent connection per device,
+:class:`~wdmoe.runtime.dataplane.StreamClient` — when the device advertises one and the settings
+say ``stream``; else as a gRPC RunExpert call on one grpc.aio channel per device. Both planes end
+in the same outcome codes (UNAVAILABLE, DEADLINE_EXCEEDED, the device's refusals, WIRE). No
+decisions here: the dispatcher says whom to call with what, and how long each call may take.
 """
 
 import asyncio
@@ -17,6 +20,7 @@ import grpc
 import numpy as np
 import torch
 
+from wdmoe.runtime.dataplane import CallFailed, StreamClient, new_event_loop
 from wdmoe.runtime.device import RUN_EXPERT
 from wdmoe.runtime.placement import DeviceEntry
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
@@ -69,11 +73,16 @@ def answer_problem(resp: ExpertResponse | None, hidden: torch.Tensor) -> tuple[s
 class Links:
     """Channels to the devices and the calls over them, all on one event loop (``loop``)."""
 
-    def __init__(self, wire_dtype: torch.dtype, token: str, tls: TLSFiles | None = None) -> None:
-        self.wire_dtype, self.tls, self.metadata = wire_dtype, tls, bearer(token)
+    def __init__(
+        self, wire_dtype: torch.dtype, token: str, tls: TLSFiles | None = None, data_plane: str = "stream"
+    ) -> None:
+        self.wire_dtype, self.tls, self.token, self.metadata = wire_dtype, tls, token, bearer(token)
+        self.data_plane = data_plane
         self.ids = itertools.count(1)
-        self.channels: dict[str, Any] = {}  # grpc.aio channels, used on self.loop only
-        self.loop = asyncio.new_event_loop()
+        # by device address, used on self.loop only: grpc.aio channels, data-plane connections
+        self.channels: dict[str, Any] = {}
+        self.streams: dict[str, StreamClient] = {}
+        self.loop = new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="bs-links", daemon=True).start()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> "Future[T]":
@@ -106,8 +115,8 @@ class Links:
                     c.outputs, c.code, c.message = None, "DEADLINE_EXCEEDED", late
 
     async def call(self, group: list[Call], timeout_s: float) -> None:
-        """One device's experts in one RunExpert message (a bundle when there are several); the
-        outcome is written into each call (never raises for the device)."""
+        """One device's experts in one message (a bundle when there are several); the outcome is
+        written into each call (never raises for the device)."""
         timeout_s = max(timeout_s, 1e-3)
         reqs = [
             ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
@@ -115,8 +124,12 @@ class Links:
         ]
         frame = encode(reqs[0]) if len(reqs) == 1 else encode_bundle(list(reqs))
         try:
-            reply = await self.stub(group[0].device.address)(frame, timeout=timeout_s, metadata=self.metadata)
+            reply = await self.send(group[0].device, frame, timeout_s)
             responses, _ = decode_all(reply)
+        except CallFailed as err:
+            for c in group:
+                c.code, c.message = err.code, err.message
+            return
         except grpc.RpcError as err:  # grpc.aio.AioRpcError
             for c in group:
                 c.code, c.message = err.code().name, str(err.details())
@@ -139,6 +152,20 @@ class Links:
         sizes = [encoded_size(tuple(c.hidden.shape), self.wire_dtype, kind) for c in group]
         return sizes[0] if len(sizes) == 1 else bundle_size(sizes)
 
+    async def send(self, device: DeviceEntry, frame: bytes, timeout_s: float) -> bytes:
+        """The device's reply to ``frame``: on its data plane when it has one and ours is ``stream``,
+        else by gRPC RunExpert (CallFailed / grpc.RpcError when there is none in time)."""
+        if not device.data_address or self.data_plane != "stream":
+            reply: bytes = await self.stub(device.address)(frame, timeout=timeout_s, metadata=self.metadata)
+            return reply
+        client = self.streams.get(device.address)
+        if client is None or client.address != device.data_address:  # new, or moved to another port
+            self.streams[device.address] = StreamClient(device.data_address, self.token, self.tls)
+            if client is not None:
+                await client.close()
+            client = self.streams[device.address]
+        return await client.call(frame, timeout_s)
+
     def stub(self, address: str) -> Any:
         """RunExpert on ``address`` (on the link loop; one channel per device, reused)."""
         channel = self.channels.get(address)
@@ -147,13 +174,16 @@ class Links:
         return channel.unary_unary(RUN_EXPERT)
 
     def forget(self, address: str, wait: bool = True) -> None:
-        """Close the channel to ``address``: the next call connects afresh (no reconnect back-off).
-        ``wait=False``: only schedule it (a handler of the API must not block on the link loop)."""
+        """Close the channel and the data-plane connection to ``address``: the next call connects
+        afresh (no reconnect back-off). ``wait=False``: only schedule it (a handler of the API must
+        not block on the link loop)."""
 
         async def drop() -> None:
-            channel = self.channels.pop(address, None)
+            channel, stream = self.channels.pop(address, None), self.streams.pop(address, None)
             if channel is not None:
                 await channel.close()
+            if stream is not None:
+                await stream.close()
 
         if not self.loop.is_closed():
             done = self.submit(drop())
@@ -173,10 +203,13 @@ class Links:
 
     async def _close(self, last: Coroutine[Any, Any, None]) -> None:
         await last
-        channels = list(self.channels.values())
+        channels, streams = list(self.channels.values()), list(self.streams.values())
         self.channels.clear()
+        self.streams.clear()
         for channel in channels:
             await channel.close()
+        for stream in streams:
+            await stream.close()
 
 
 async def gather(jobs: list[Any]) -> None:

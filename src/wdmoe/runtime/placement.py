@@ -1,7 +1,8 @@
 """Which device serves which expert: the registry of live devices and the replica choice.
 
 Devices register (and re-register every heartbeat) with their cell position ``slot`` — the index
-of their channel in the scenario — their address and the (layer, expert) pairs they host. A device
+of their channel in the scenario — their address, their data plane's address (none for a static
+entry or an older device: those are called over gRPC) and the (layer, expert) pairs they host. A device
 is *usable* while its heartbeats arrive (a static entry, added without heartbeats, always is) and
 it has not failed since its last heartbeat; a static entry that failed is tried again after
 ``retry_s``. Several devices may host the same expert (replicas): ``choose`` takes the usable host
@@ -45,6 +46,7 @@ class DeviceEntry:
     benches: int = 0  # benches in a row (reset by an answered call)
     benched_until: float | None = None  # benched: not used; probed once this time has passed
     probing: bool = False
+    data_address: str = ""  # where its data plane listens; "": call it over gRPC
 
     @property
     def benched(self) -> bool:
@@ -76,10 +78,16 @@ class DeviceRegistry:
         self.lock = threading.Lock()
 
     def register(
-        self, slot: int, address: str, experts: Iterable[ExpertKey], name: str = "", static: bool = False
+        self,
+        slot: int,
+        address: str,
+        experts: Iterable[ExpertKey],
+        name: str = "",
+        static: bool = False,
+        data_address: str = "",
     ) -> tuple[DeviceEntry, bool]:
-        """Add or refresh a device; returns (entry, came_up): came_up when it is new, moved, or back
-        after a failure (the caller then reconnects afresh)."""
+        """Add or refresh a device; returns (entry, came_up): came_up when it is new, moved (either
+        address), or back after a failure (the caller then reconnects afresh)."""
         keys = frozenset(experts)
         if not 0 <= slot < self.num_slots:
             raise PlacementError(f"slot {slot} is outside the cell's devices 0..{self.num_slots - 1}")
@@ -92,7 +100,8 @@ class DeviceRegistry:
         now = self.clock()
         with self.lock:
             old = self.devices.get(slot)
-            if old is not None and old.address == address and old.experts == keys:
+            where = (address, data_address, keys)
+            if old is not None and (old.address, old.data_address, old.experts) == where:
                 came_up = old.down_since is not None or now - old.last_seen > 3 * self.heartbeat_s
                 old.last_seen, old.down_since, old.name = now, None, name
                 if came_up:  # back from down (a restart, say): a fresh start, not on the bench
@@ -100,7 +109,7 @@ class DeviceRegistry:
                     old.benched_until, old.probing = None, False
                 old.registrations += 1
                 return old, came_up
-            entry = DeviceEntry(slot, address, keys, name, now, static)
+            entry = DeviceEntry(slot, address, keys, name, now, static, data_address=data_address)
             self.devices[slot] = entry
             return entry, True
 

@@ -1,4 +1,4 @@
-"""Securing the runtime's gRPC links: TLS (optionally mutual) and a shared bearer token.
+"""Securing the runtime's links: TLS (optionally mutual) and a shared bearer token.
 
 Both are opt-in and independent. TLS protects the link (and, when mutual, admits only clients
 holding a certificate from the cluster's CA); the token is checked by a server interceptor on
@@ -10,6 +10,8 @@ every call except the standard health service, so load balancers and probes need
     channel = open_channel("device-3:50051", client_tls)
     stub(request, timeout=5.0, metadata=bearer(token))
 
+The data plane (:mod:`wdmoe.runtime.dataplane`) uses the same PEM files through ``ssl``
+(``server_ssl_context``, ``client_ssl_context``) and proves the token by challenge–response.
 ``make_test_pki`` writes a throwaway CA and certificates for tests and first trials.
 """
 
@@ -17,6 +19,7 @@ import datetime
 import hmac
 import ipaddress
 import os
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +109,34 @@ def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=tls.read("ca"), private_key=tls.read("key"), certificate_chain=tls.read("cert")
     )
+
+
+def server_ssl_context(tls: TLSFiles) -> ssl.SSLContext:
+    """The data plane's server TLS from the files :func:`server_credentials` takes: the device's
+    certificate and key; ``tls.ca`` set → clients must present a certificate it signed (mutual)."""
+    cert, key, ca = tls.read("cert"), tls.read("key"), tls.read("ca")  # ConfigError naming a bad file
+    if cert is None or key is None:
+        raise ConfigError("a TLS server needs both TLS cert and TLS key (its certificate chain and key)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    if ca is not None:
+        context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(tls: TLSFiles) -> ssl.SSLContext:
+    """The data plane's client TLS from the files :func:`channel_credentials` takes: verify the
+    server with ``tls.ca`` (None: the system roots), present ``cert``/``key`` when given. The name
+    checked is ``tls.server_name`` or the host dialled (the caller passes it as server_hostname)."""
+    cert, key, ca = tls.read("cert"), tls.read("key"), tls.read("ca")
+    roots = None if ca is None else ca.decode("ascii", "replace")  # None: the system's
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=roots)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    return context
 
 
 def add_port(server: grpc.Server, address: str, tls: TLSFiles | None) -> int:

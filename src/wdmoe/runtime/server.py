@@ -9,6 +9,7 @@ Kept apart from the BS so that a device worker imports only gRPC, torch and its 
 """
 
 import asyncio
+import gc
 import threading
 from collections.abc import Coroutine
 from concurrent import futures
@@ -45,6 +46,14 @@ def start_server(
     server.start()
     status.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, bound
+
+
+def freeze_heap() -> None:
+    """Keep the start-up heap (the model, torch) out of the garbage collector's passes: a full
+    collection over a torch process takes ~75 ms (benchmarks/transport.py), which would land in
+    the middle of an expert call or a forward. Call once a process has started."""
+    gc.collect()
+    gc.freeze()
 
 
 class AsyncServer:

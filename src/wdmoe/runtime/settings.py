@@ -12,7 +12,8 @@ from wdmoe.config import check_choice, check_range
 from wdmoe.latency.deadline import MODES, DeadlineRule
 from wdmoe.runtime.wire import DTYPES
 
-__all__ = ["MODES", "WIRE_DTYPES", "RuntimeSettings"]
+__all__ = ["DATA_PLANES", "MODES", "WIRE_DTYPES", "RuntimeSettings"]
+DATA_PLANES = ("stream", "grpc")
 WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values() if d.is_floating_point}
 
 
@@ -27,7 +28,10 @@ class RuntimeSettings:
     (0.001 runs an hour of cell in 3.6 s). wire_dtype: how hidden states travel (float32 is exact).
     bench_after: failed calls in a row that bench a device for bench_s (doubling while it keeps
     failing its probes, up to 60 s). max_active: generations served at once; max_queue: requests
-    that may wait for a turn beyond those (more are refused with RESOURCE_EXHAUSTED).
+    that may wait for a turn beyond those (more are refused with RESOURCE_EXHAUSTED). data_plane:
+    how expert calls travel to a device that advertises a data plane (``stream``: one persistent
+    connection per device, :mod:`~wdmoe.runtime.dataplane`; ``grpc``: a RunExpert call each, as
+    devices without one are always called).
     """
 
     policy: str = "topk"
@@ -49,9 +53,11 @@ class RuntimeSettings:
     csi_delay_blocks: int = 0
     csi_error_std_db: float = 0.0
     trace_blocks: int = 20000
+    data_plane: str = "stream"
 
     def __post_init__(self) -> None:
         DeadlineRule(self.mode, self.slack, self.grace_s, self.max_wait_s)  # validates them
+        check_choice("data_plane", self.data_plane, list(DATA_PLANES))
         check_choice("wire_dtype", self.wire_dtype, sorted(WIRE_DTYPES))
         check_range("time_scale", self.time_scale, 0.0, 1e6, lo_open=True)
         check_range("heartbeat_s", self.heartbeat_s, 0.01, 3600.0)
