@@ -269,13 +269,9 @@ class Simulation:
             return self.inner.run(layer, inputs)
         snap = self.layer_snapshot()
         view = snap.view
-        tokens = fwd.selected if fwd.selected is not None else np.zeros(view.num_experts)
-        if fwd.selected is None:
-            for e, x in inputs.items():
-                tokens[e] = len(x)
-        fwd.selected = None
-        reach = np.ones(view.channel.num_devices, dtype=bool) if view.up is None else view.up
-        skipped = ~reach[view.placement]
+        tokens, fwd.selected = fwd.selected, None
+        assert tokens is not None, "every MoE block reports its selection (on_select) before dispatching"
+        skipped = view.unreachable_experts()
         calls = Calls(self.settings.deadline, snap.true_up)
         priced = price_layer(
             view, snap.true, self.allocator, view.device_tokens(np.where(skipped, 0, tokens)), calls

@@ -94,6 +94,12 @@ class ExpertLatency:
     def num_experts(self) -> int:
         return int(self.placement.shape[0])
 
+    def unreachable_experts(self) -> BoolArray:
+        """[E] experts whose device the BS cannot reach (its link is in outage on the estimate)."""
+        if self.up is None:
+            return np.zeros(self.num_experts, dtype=bool)
+        return np.asarray(~self.up[self.placement])
+
     def device_tokens(self, expert_tokens: Any) -> FloatArray:
         """n_u [..., U] = Σ_{e on u} n_e from expert loads n_e [..., E]."""
         n = np.asarray(expert_tokens, dtype=np.float64)

@@ -148,8 +148,7 @@ def price_request(
         traces.append(LayerTrace(layer, logits, route.candidates, sel.keep, sel.weights))
     loads = expert_loads(traces, m.num_experts)
     view, tokens = snap.view, int(sample[0].shape[0])
-    reach = np.ones(view.channel.num_devices, dtype=bool) if view.up is None else view.up
-    kept = np.where(reach[view.placement], loads.kept[0], 0.0)  # experts the BS cannot reach: skipped
+    kept = np.where(view.unreachable_experts(), 0.0, loads.kept[0])  # experts the BS cannot reach: skipped
     dropped = loads.dropped[0].sum() + (loads.kept[0] - kept).sum()
     calls = Calls(DeadlineRule(), snap.true_up)
     args = (scenario, view.device_tokens(kept), tokens, 0, calls)
