@@ -70,7 +70,7 @@ def test_the_simulator_and_the_runtime_agree_on_outage_and_deadline_misses(lab_f
 
     def keep_price(fwd, new_tokens):
         end_forward(fwd, new_tokens)
-        priced_at_bs.append((lab.bs.last_priced, fwd.request.forwards[-1]))
+        priced_at_bs.append((lab.bs.last_priced, fwd.requests[0].forwards[-1]))
 
     lab.bs.end_forward = keep_price
     lab.bs.t0 = time.monotonic() - START_S

@@ -23,7 +23,7 @@ layer's time (``split_rows``); a context scored once for several continuations
 request. The same trace (seed) is replayed for every policy, so comparisons are paired.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -31,17 +31,18 @@ import numpy as np
 import torch
 
 from wdmoe.allocation import make_allocator
-from wdmoe.channel.units import BoolArray, FloatArray
+from wdmoe.channel.units import FloatArray
 from wdmoe.config import ScenarioConfig, check_range
 from wdmoe.errors import ConfigError
 from wdmoe.latency.cell import Cell, CellSnapshot, Csi
 from wdmoe.latency.deadline import DeadlineRule
 from wdmoe.latency.model import bs_seconds
-from wdmoe.latency.pricing import Calls, Priced, forward_overheads, price_layer, stack_layers
+from wdmoe.latency.pricing import Calls, forward_overheads, price_layer, rows_overheads
 from wdmoe.loads import RowLoads, expert_loads, row_lengths, row_loads, token_rows
 from wdmoe.models.dispatch import Dispatcher
 from wdmoe.models.install import ForwardCall, WirelessModel
-from wdmoe.models.requests import shared_contexts
+from wdmoe.models.requests import concurrent_rows, shared_contexts
+from wdmoe.sim_records import LayerRun, StepRecord, price_rows
 from wdmoe.types import Feedback
 
 
@@ -67,50 +68,6 @@ class SimSettings:
         check_range("sim.csi_delay_blocks", self.csi_delay_blocks, 0, 1e6)
         check_range("sim.csi_error_std_db", self.csi_error_std_db, 0.0, 60.0)
         check_range("sim.trace_blocks", self.trace_blocks, 1, 1e8)
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One request's forward, accounted. Arrays: [L, E] per expert, [L, U] per device, [L] per
-    layer (s); snr_db_dl / snr_db_ul [U]: the true SNR at an equal share B/U when its first layer
-    ran (dB). Per layer and device: link_down (the link truly in outage), cut_late / cut_down (a call
-    with work cut at its deadline / lost to outage), skipped_tokens (tokens of experts not sent:
-    the BS saw their device's link down)."""
-
-    phase: str
-    start_s: float
-    new_tokens: int
-    expert_tokens: FloatArray
-    dropped_tokens: FloatArray
-    retained_mass: float
-    device_tokens: FloatArray
-    device_dropped: FloatArray
-    snr_db_dl: FloatArray
-    snr_db_ul: FloatArray
-    downlink_s: FloatArray
-    compute_s: FloatArray
-    uplink_s: FloatArray
-    waiting_s: FloatArray
-    bs_s: FloatArray
-    head_s: float
-    link_down: BoolArray
-    cut_late: BoolArray
-    cut_down: BoolArray
-    skipped_tokens: FloatArray
-
-    @property
-    def total_s(self) -> float:
-        return float(self.waiting_s.sum() + self.bs_s.sum() + self.head_s)
-
-
-@dataclass(frozen=True)
-class LayerRun:
-    """One MoE layer of a forward as it ran: its snapshot, the forward's calls priced and settled,
-    and the experts skipped up front [E]."""
-
-    snap: CellSnapshot
-    priced: Priced
-    skipped: BoolArray
 
 
 @dataclass
@@ -153,17 +110,21 @@ class Simulation:
         self.context_tokens = 0
         self.current: Pass | None = None
         self.contexts: tuple[Pass, RowLoads, list[int]] | None = None  # a context pass's, until used
+        self.batch_records: list[StepRecord] = []  # the last batch pass's, one per row
+        self.batch_tags: tuple = ()  # … and its rows' requests
         self.inner: Dispatcher = self.wm.dispatcher
 
     # --- the forward listener (see WirelessModel.attach) ------------------------------------
 
     def before_forward(self, call: ForwardCall) -> None:
-        shared = shared_contexts()
+        shared, served = shared_contexts(), concurrent_rows()
         row = token_rows(call.input_ids, call.attention_mask)
         rows = int(call.input_ids.shape[0])
         lengths = row_lengths(row, rows)
         m, flops = self.scenario.model, self.scenario.cell.bs_flops_per_s
-        if shared is not None and call.cache is None:
+        if served is not None:
+            kind, bs = "batch", float(rows_overheads(self.scenario, lengths, served.context)[0][0])
+        elif shared is not None and call.cache is None:
             kind, bs = "context", sum(bs_seconds(m, n, 0, flops)[0] for n in lengths)
         elif shared is not None and self.contexts is not None:
             parent_lengths = self.contexts[2]
@@ -187,11 +148,22 @@ class Simulation:
         if not ok or fwd is None or not traces:
             return
         head_s = forward_overheads(self.scenario, 1, 0)[1]
-        self.time_s = fwd.clock + (head_s if fwd.kind != "context" else 0.0)
+        heads = {"context": 0, "batch": fwd.rows}.get(fwd.kind, 1)
+        self.time_s = fwd.clock + heads * head_s
+        if fwd.kind == "batch":
+            self.account_batch(fwd, traces)
+            return
         if fwd.kind == "request":
             loads = expert_loads(traces, self.wm.num_experts)
-            (record,) = self.price_requests(
-                fwd.layers, loads, [call.new_tokens], self.context_tokens, fwd.start_s
+            (record,) = price_rows(
+                self.scenario,
+                self.allocator,
+                self.settings.deadline,
+                fwd.layers,
+                loads,
+                [call.new_tokens],
+                self.context_tokens,
+                fwd.start_s,
             )
             self.finish(record)
             self.context_tokens += call.new_tokens
@@ -202,7 +174,16 @@ class Simulation:
             self.contexts = (fwd, loads, lengths)
             return
         if fwd.kind == "rows":
-            for record in self.price_requests(fwd.layers, loads, lengths, 0, fwd.start_s):
+            for record in price_rows(
+                self.scenario,
+                self.allocator,
+                self.settings.deadline,
+                fwd.layers,
+                loads,
+                lengths,
+                0,
+                fwd.start_s,
+            ):
                 self.new_request()
                 self.finish(record)
         else:
@@ -233,9 +214,44 @@ class Simulation:
             ctx_loads.dropped[p] + loads.dropped,
             [float(m) for m in mass],
         )
-        for record in self.price_requests(merged, both, [int(x) for x in n], 0, ctx.start_s):
+        for record in price_rows(
+            self.scenario,
+            self.allocator,
+            self.settings.deadline,
+            merged,
+            both,
+            [int(x) for x in n],
+            0,
+            ctx.start_s,
+        ):
             self.new_request()
             self.finish(record)
+
+    def account_batch(self, fwd: Pass, traces: list) -> None:
+        """Concurrent requests served by one forward (:mod:`wdmoe.serving`): the step is priced
+        once, its layers on their joint loads (every device one message for all rows, as it ran);
+        each row's record carries that step's times and its own experts. The policy hears one
+        forward."""
+        served = concurrent_rows()
+        assert served is not None and served.rows == fwd.rows, "a batch pass without its rows"
+        loads = row_loads(traces, self.wm.num_experts, fwd.row, fwd.rows)
+        lengths = row_lengths(fwd.row, fwd.rows)
+        records = price_rows(
+            self.scenario,
+            self.allocator,
+            self.settings.deadline,
+            fwd.layers,
+            loads,
+            lengths,
+            served.context,
+            fwd.start_s,
+            joint=True,
+        )
+        self.records.extend(records)
+        self.batch_records, self.batch_tags = records, served.tags
+        step = records[0].total_s
+        decode = min(served.context) > 0
+        self.wm.observe(Feedback(step, sum(lengths), decode=decode))
 
     def finish(self, record: StepRecord) -> None:
         """Keep the record; tell the policy what the request's forward cost."""
@@ -284,67 +300,6 @@ class Simulation:
         return self.inner.run(layer, run)
 
     # --- records ----------------------------------------------------------------------------
-
-    def price_requests(
-        self,
-        layers: Sequence[LayerRun],
-        loads: RowLoads,
-        new_tokens: Sequence[int],
-        context: int,
-        start_s: float,
-    ) -> list[StepRecord]:
-        """Each row's request (loads [R, L, E]) priced on the layers it ran through (their snapshots
-        and cut calls; all rows of a layer at once), with its own BS compute and LM head."""
-        sent = loads.sent
-        rule, views = self.settings.deadline, [lr.snap.view for lr in layers]
-        per_layer = [
-            price_layer(
-                v,
-                lr.snap.true,
-                self.allocator,
-                v.device_tokens(np.where(lr.skipped, 0.0, sent[:, i])),
-                Calls(rule, lr.snap.true_up, late=lr.priced.late, down=lr.priced.down),
-            )
-            for i, (v, lr) in enumerate(zip(views, layers, strict=True))
-        ]
-        per_device = lambda x: np.stack([v.device_tokens(x[:, i]) for i, v in enumerate(views)], 1)  # noqa: E731
-        skipped = per_device(np.where(np.stack([lr.skipped for lr in layers]), sent, 0.0))
-        dropped = per_device(loads.dropped)
-        link_down = np.stack([~lr.snap.true_up for lr in layers])
-        first = layers[0].snap.true
-        share = first.equal_share_hz()
-        snr_dl, snr_ul = (10 * np.log10(np.maximum(link.snr(share), 1e-30)) for link in (first.dl, first.ul))
-        out = []
-        for r, n in enumerate(new_tokens):
-            priced = stack_layers(
-                [p.take(r) for p in per_layer], *forward_overheads(self.scenario, n, context)
-            )
-            lat = priced.latency
-            out.append(
-                StepRecord(
-                    "prefill" if context == 0 else "decode",
-                    start_s,
-                    n,
-                    loads.kept[r],
-                    loads.dropped[r],
-                    loads.mass[r],
-                    priced.device_tokens,
-                    dropped[r],
-                    snr_dl,
-                    snr_ul,
-                    lat.devices.downlink_s,
-                    lat.devices.compute_s,
-                    lat.devices.uplink_s,
-                    lat.waiting_s,
-                    lat.bs_s,
-                    lat.head_s,
-                    link_down,
-                    priced.late,
-                    priced.down,
-                    skipped[r],
-                )
-            )
-        return out
 
     def new_request(self) -> None:
         """Start a new request: empty KV cache; simulated time (and the channel) go on."""

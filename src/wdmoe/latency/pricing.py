@@ -145,6 +145,20 @@ def forward_overheads(
     return bs, lm_head_flops(scenario.model) / flops
 
 
+def rows_overheads(
+    scenario: "ScenarioConfig", new_tokens: Sequence[int], context_tokens: Sequence[int]
+) -> tuple[FloatArray, float]:
+    """BS compute per layer [L] and the LM head (s) of one forward serving several requests
+    together (continuous batching): row r computes ``new_tokens[r]`` tokens after its own
+    ``context_tokens[r]`` cached ones; FLOPs add up over rows, and every row needs the head once
+    (its next token)."""
+    bs = sum(
+        (forward_overheads(scenario, n, c)[0] for n, c in zip(new_tokens, context_tokens, strict=True)),
+        np.zeros(scenario.model.num_layers),
+    )
+    return bs, len(new_tokens) * forward_overheads(scenario, 1, 0)[1]
+
+
 def price_forward(
     view: ExpertLatency,
     true: ChannelState,

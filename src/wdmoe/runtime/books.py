@@ -117,9 +117,9 @@ class Books:
             if self.log_file is not None:
                 self.log_file.write(line)
 
-    def count_failed(self, slots: list[int], request: RequestStats | None, fallback: bool) -> None:
+    def count_failed(self, slots: list[int], fallback: bool) -> None:
         """Experts without a device answer (their slots, −1 for none): run at the BS (fallback) or
-        dropped, in every book."""
+        dropped, in the BS's and the devices' books."""
         if not slots:
             return
         with self.lock:
@@ -130,10 +130,15 @@ class Books:
                         self.stats[u].fallbacks += 1
             else:
                 self.dropped += len(slots)
-            if request is not None and fallback:
-                request.fallbacks += len(slots)
-            elif request is not None:
-                request.dropped += len(slots)
+
+    def charge_failed(self, requests: list[RequestStats], fallback: bool) -> None:
+        """One expert without a device answer in the books of the requests it had tokens of."""
+        with self.lock:
+            for request in requests:
+                if fallback:
+                    request.fallbacks += 1
+                else:
+                    request.dropped += 1
 
     def served_request(self, summary: dict[str, Any]) -> None:
         with self.lock:

@@ -10,7 +10,12 @@ sends the layer's experts to the devices; after a forward, it prices the forward
 prices (the simulator's pricing path, calls settled by the same deadline rule), records the
 prediction against the measured time on the request, and tells the policy what it cost.
 
-Forwards run one at a time (a lock): several users' requests interleave token by token.
+Users' requests are served together by continuous batching (:mod:`wdmoe.serving`): one serving
+thread runs the model; each step prefills newcomers and decodes every running request in one
+forward, so each device gets one message per layer for all users' tokens; each forward's rows
+say which request they are (:func:`~wdmoe.models.requests.serving_rows`), and every request's
+books (calls, drops, bytes, predicted and measured steps) are its own. Forwards run one at a time
+(a lock, for tools that run a layer outside the engine).
 Also here: :mod:`~wdmoe.runtime.books` (statistics, metrics log), :mod:`~wdmoe.runtime.links`
 (channels and calls), :mod:`~wdmoe.runtime.service` (the gRPC face).
 """
@@ -31,11 +36,12 @@ from transformers import PreTrainedTokenizerBase
 
 from wdmoe.config import ModelConfig, ScenarioConfig, WireConfig
 from wdmoe.errors import ConfigError, WdmoeError
-from wdmoe.generate import generate
+from wdmoe.generate import CallbackStreamer, check_fits, encode_prompt
 from wdmoe.latency.cell import Cell, CellSnapshot, Csi
-from wdmoe.latency.pricing import Priced, forward_overheads, stack_layers
+from wdmoe.latency.pricing import Priced, rows_overheads, stack_layers
 from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.install import ForwardCall, WirelessModel
+from wdmoe.models.requests import concurrent_rows
 from wdmoe.policies import make_policy
 from wdmoe.runtime import api, dataplane
 from wdmoe.runtime.books import Books, RequestStats
@@ -45,6 +51,7 @@ from wdmoe.runtime.placement import DeviceEntry, DeviceRegistry
 from wdmoe.runtime.security import TLSFiles
 from wdmoe.runtime.settings import MODES, WIRE_DTYPES, RuntimeSettings
 from wdmoe.runtime.wire import encoded_size
+from wdmoe.serving import Engine, Job, eos_ids
 from wdmoe.simulate import check_model_matches
 from wdmoe.types import ExpertKey, Feedback
 
@@ -131,6 +138,13 @@ class BaseStation:
         self.last_priced: Priced | None = None  # the last forward's price (for tests and tools)
         self.hooks = contextlib.ExitStack()
         self.hooks.enter_context(wm.attach(self))
+        wm.context.on_select = self.on_select
+        self.engine = Engine(wm, eos_ids(wm, tok), s.max_active)
+        self.stopping = threading.Event()
+        self.serving = threading.Thread(
+            target=self.engine.run, args=(self.stopping,), name="serving", daemon=True
+        )
+        self.serving.start()
 
     # --- the clock and the cell -------------------------------------------------------------
 
@@ -146,9 +160,9 @@ class BaseStation:
         self.dispatcher.per_token_s = per_token
         return snap.placed(self.registry.expert_slots(per_token)), per_token
 
-    def begin_forward(self, request: RequestStats | None) -> Forward:
-        """The forward it opens on the cell now."""
-        return Forward(request, *self.snapshot())
+    def begin_forward(self, requests: list[RequestStats], row_tokens: int = 1) -> Forward:
+        """The forward it opens on the cell now, serving ``requests`` (one per row)."""
+        return Forward(requests, *self.snapshot(), row_tokens=row_tokens)
 
     def view_at(self, layer: int) -> ExpertLatency:
         """The view a layer's policy decides on: the cell when the layer starts (the channel moves
@@ -162,7 +176,7 @@ class BaseStation:
     def run_layer(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """One MoE layer's experts through the devices outside a model forward (tools, tests)."""
         with self.forward_lock:
-            self.dispatcher.current = self.begin_forward(None)
+            self.dispatcher.current = self.begin_forward([])
             try:
                 return self.dispatcher.run(layer, inputs)
             finally:
@@ -173,13 +187,20 @@ class BaseStation:
     def before_forward(self, call: ForwardCall) -> None:
         self.forward_lock.acquire()
         try:
-            request: RequestStats | None = getattr(self.thread, "request", None)
-            if request is not None and request.context_tokens == 0:
+            served = concurrent_rows()
+            requests: list[RequestStats] = list(served.tags) if served is not None else []
+            if len(requests) == 1 and requests[0].context_tokens == 0:
                 self.wm.begin_request()
-            self.dispatcher.current = self.begin_forward(request)
+            self.dispatcher.current = self.begin_forward(requests, call.new_tokens)
         except BaseException:
             self.forward_lock.release()
             raise
+
+    def on_select(self, layer: int, candidates: torch.Tensor, keep: torch.Tensor) -> None:
+        """The layer's selection, for charging each call to the requests whose tokens it carries."""
+        fwd = self.dispatcher.current
+        if fwd is not None:
+            fwd.selection = (candidates, keep)
 
     def after_forward(self, call: ForwardCall, ok: bool) -> None:
         fwd, self.dispatcher.current = self.dispatcher.current, None
@@ -192,24 +213,27 @@ class BaseStation:
             self.forward_lock.release()
 
     def end_forward(self, fwd: Forward, new_tokens: int) -> None:
-        """Price the forward from its layers (plus BS compute and the LM head), record prediction
-        against measurement on its request, tell the policy what it cost."""
-        request = fwd.request
-        context = request.context_tokens if request is not None else 0
+        """Price the forward from its layers (plus every row's BS compute and LM head: the
+        simulator's :func:`~wdmoe.latency.pricing.rows_overheads`), record prediction against
+        measurement on each request it served (a batched step: the step's times on each), tell the
+        policy what it cost."""
+        contexts = [r.context_tokens for r in fwd.requests] or [0]
         measured = (time.monotonic() - fwd.started) / self.settings.time_scale
         moe = predicted = 0.0
         if fwd.layers:
-            overheads = forward_overheads(self.scenario, new_tokens, context)
+            overheads = rows_overheads(self.scenario, [new_tokens] * len(contexts), contexts)
             self.last_priced = stack_layers(fwd.layers, *overheads)
             moe = float(self.last_priced.wait_s.sum())
             predicted = float(self.last_priced.latency.total_s)
-        steps_left = 0
-        if request is not None:
-            record = {"measured_s": measured, "predicted_s": predicted, "moe_predicted_s": moe}
-            request.forwards.append(record)
+        record = {"measured_s": measured, "predicted_s": predicted, "moe_predicted_s": moe}
+        for request in fwd.requests:
+            request.forwards.append(dict(record))
             request.context_tokens += new_tokens
-            steps_left = max(request.max_new_tokens - len(request.forwards), 0)
-        self.wm.observe(Feedback(measured, new_tokens, decode=context > 0, steps_left=steps_left))
+        steps_left = max((r.max_new_tokens - len(r.forwards) for r in fwd.requests), default=0)
+        feedback = Feedback(
+            measured, new_tokens * len(contexts), decode=min(contexts) > 0, steps_left=steps_left
+        )
+        self.wm.observe(feedback)
 
     # --- devices, users, statistics ---------------------------------------------------------
 
@@ -241,36 +265,32 @@ class BaseStation:
             self.register(api.Registration(slot, address, tuple(sorted(keys))), static=True)
 
     def generate(self, req: api.GenerateRequest, on_text: Callable[[str], None]) -> dict[str, Any]:
-        """Run one user's request in this thread (interleaving with others per forward)."""
+        """Serve one user's request: it joins the serving thread's batch (:mod:`wdmoe.serving`:
+        every step one forward for all users' tokens); this thread waits for its end. The text
+        streams through ``on_text`` (called in the serving thread; raising there, e.g.
+        :class:`Cancelled`, ends this request only)."""
         if self.tok is None:
             raise WdmoeError("this BS has no tokenizer: it cannot serve text generation")
-        stats = RequestStats(next(self.request_ids), req.max_new_tokens)
-        self.thread.request = stats
+        ids = encode_prompt(self.tok, req.prompt, req.chat, req.system)[0]
+        check_fits(self.wm, int(ids.numel()), req.max_new_tokens)
+        stats = RequestStats(next(self.request_ids), req.max_new_tokens, prompt_tokens=int(ids.numel()))
+        stream = CallbackStreamer(self.tok, on_text)
+        stream.skip_prompt = False
 
-        def text(piece: str) -> None:
+        def token(t: int) -> None:
             if stats.first_token_s is None:
                 stats.first_token_s = time.monotonic() - stats.started
-            on_text(piece)
+            if t not in self.engine.eos:
+                stream.put(torch.tensor([t]))
 
+        job = Job(ids, req.max_new_tokens, token, stats, req.temperature, req.top_p, req.seed)
         try:
-            result = generate(
-                self.wm,
-                self.tok,
-                req.prompt,
-                max_new_tokens=req.max_new_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=req.seed,
-                chat=req.chat,
-                system=req.system,
-                on_text=text,
-                record=False,
-            )
+            self.engine.submit(job).wait()
+            stream.end()
         finally:
-            self.thread.request = None
             stats.wall_s = time.monotonic() - stats.started
-        stats.prompt_tokens, stats.new_tokens = result.prompt_tokens, result.new_tokens
-        summary = stats.summary() | {"text": result.text}
+        stats.new_tokens = len(job.tokens)
+        summary = stats.summary() | {"text": str(self.tok.decode(job.tokens, skip_special_tokens=True))}
         self.books.served_request(summary)
         return summary
 
@@ -292,6 +312,9 @@ class BaseStation:
         """Write the summary, stop listening to the model, close the links (idempotent)."""
         if self.links.loop.is_closed():
             return
+        self.stopping.set()
+        self.serving.join(timeout=30)
+        self.wm.context.on_select = None
         self.hooks.close()
         self.books.event("summary", **self.summary())
         self.links.close(self.dispatcher.stop_watch())

@@ -45,14 +45,27 @@ from wdmoe.runtime.wire import KIND_REQUEST, KIND_RESPONSE, encoded_size
 
 @dataclass
 class Forward:
-    """The forward in flight: its request, the cell snapshot it decides and is priced on (experts
-    placed on their best live device), one token's time per slot [U], each layer's price."""
+    """The forward in flight: its requests (one per row: several when users are batched, none for
+    a tool's forward), the cell snapshot it decides and is priced on (experts placed on their best
+    live device), one token's time per slot [U], each layer's price; ``selection``: the current
+    layer's (candidates [N, K], kept [N, K]) of its N = rows × ``row_tokens`` tokens."""
 
-    request: RequestStats | None
+    requests: list[RequestStats]
     snap: CellSnapshot
     per_token_s: np.ndarray
     started: float = field(default_factory=time.monotonic)
     layers: list[Priced] = field(default_factory=list)
+    row_tokens: int = 1
+    selection: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def requests_of(self, expert: int) -> list[RequestStats]:
+        """The requests whose tokens a call of ``expert`` carries in the current layer."""
+        if len(self.requests) <= 1 or self.selection is None:
+            return self.requests
+        candidates, kept = self.selection
+        tokens = ((candidates == expert) & kept).any(dim=-1).nonzero().reshape(-1)
+        rows = torch.unique(tokens // self.row_tokens).tolist()
+        return [self.requests[r] for r in rows if r < len(self.requests)]
 
 
 class DeviceDispatcher:
@@ -177,7 +190,7 @@ class DeviceDispatcher:
     ) -> dict[int, torch.Tensor]:
         """Outputs, fallbacks, down-marking, strikes and the books (a retried expert counts twice)."""
         sent = inputs_of(calls) + inputs_of(retries)
-        outputs = self.book(fwd.request, calls, sent, lost, predicted, measured_s)
+        outputs = self.book(fwd, calls, sent, lost, predicted, measured_s)
         for c in inputs_of(retries):
             if c.code == "UNAVAILABLE":
                 self.mark_down(c)
@@ -185,12 +198,14 @@ class DeviceDispatcher:
         failed = list(lost) + [c for c in inputs_of(calls) if c.expert not in outputs]
         if failed and self.local is not None:
             outputs.update(self.local.run(layer, {c.expert: c.hidden for c in failed}))
-        self.books.count_failed([c.device.slot for c in failed], fwd.request, self.local is not None)
+        self.books.count_failed([c.device.slot for c in failed], self.local is not None)
+        for c in failed:
+            self.books.charge_failed(fwd.requests_of(c.expert), self.local is not None)
         return outputs
 
     def book(
         self,
-        request: RequestStats | None,
+        fwd: Forward,
         calls: dict[int, list[Call]],
         sent: list[Call],
         lost: list[Call],
@@ -200,7 +215,6 @@ class DeviceDispatcher:
         """Write one layer into the books; the outputs that came back."""
         outputs: dict[int, torch.Tensor] = {}
         wire = self.links.wire_dtype
-        down = up = 0
         with self.books.lock:
             for u in calls:
                 self.books.stats[u].add_prediction(predicted, u, measured_s)
@@ -209,23 +223,20 @@ class DeviceDispatcher:
                 st.calls += 1
                 sent_bytes = encoded_size(tuple(c.hidden.shape), wire)
                 st.bytes_dl += sent_bytes
-                down += sent_bytes
+                got_bytes = 0
                 if c.outputs is None:
                     st.failures[c.code] += 1
-                    continue
-                got_bytes = encoded_size(tuple(c.hidden.shape), wire, KIND_RESPONSE)
-                st.answered += 1
-                st.compute_s += c.compute_s
-                st.bytes_ul += got_bytes
-                up += got_bytes
-                outputs[c.expert] = c.outputs
+                else:
+                    got_bytes = encoded_size(tuple(c.hidden.shape), wire, KIND_RESPONSE)
+                    st.answered += 1
+                    st.compute_s += c.compute_s
+                    st.bytes_ul += got_bytes
+                    outputs[c.expert] = c.outputs
+                charge_call(fwd.requests_of(c.expert), sent_bytes, got_bytes)
             for c in lost:
                 if c.device.slot >= 0:
                     self.books.stats[c.device.slot].skipped += 1
-            if request is not None:
-                request.expert_calls += len(sent) + len(lost)
-                request.bytes_dl += down
-                request.bytes_ul += up
+                charge_call(fwd.requests_of(c.expert), 0, 0)
         return outputs
 
     def judge(self, *rounds: dict[int, list[Call]]) -> None:
@@ -287,3 +298,12 @@ class DeviceDispatcher:
         self.watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wrap_future(self.watcher)
+
+
+def charge_call(requests: list[RequestStats], down: int, up: int) -> None:
+    """One expert call in the books of the requests whose tokens it carried: a call each, its
+    bytes shared equally (a call carries one token per request in a batched decode step)."""
+    for r in requests:
+        r.expert_calls += 1
+        r.bytes_dl += down // len(requests)
+        r.bytes_ul += up // len(requests)
