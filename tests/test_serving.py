@@ -3,6 +3,7 @@ alone, the simulator pricing a batched step once on its joint loads, the BS serv
 together with per-request books, and the simulator's load study."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -156,3 +157,59 @@ def test_the_bs_serves_users_together_with_answers_and_books_of_their_own(lab_fa
     for m in results.values():
         assert m["new_tokens"] == 6 and m["forwards"] == 6 and m["expert_calls"] > 0
         assert m["bytes_dl"] > 0 and m["token_predicted_s"] > 0 and m["dropped"] == 0
+
+
+STILL_CELL = ["channel.fading=none", "mobility.model=static", "channel.shadowing_std_db=0"]
+
+
+def test_the_bs_and_the_simulator_price_a_batched_step_alike(lab_factory):
+    """Three users' tokens in one forward: the BS (its devices called once per layer for all)
+    and the simulator price the step the same, on the joint loads, with every row's BS compute."""
+    from wdmoe.runtime.books import RequestStats
+
+    lab = lab_factory("mixtral", devices=4, overrides=STILL_CELL, settings=RuntimeSettings(grace_s=5.0))
+    ids = torch.tensor([[5, 8, 2], [9, 9, 4], [17, 3, 11]])
+    requests = [RequestStats(i, 4) for i in range(3)]
+    with torch.no_grad(), serving_rows(requests, [0, 0, 0]):
+        got = lab.wm.model(input_ids=ids).logits
+    sim = Simulation(lab.ref, lab.bs.scenario, SimSettings())
+    with sim.attached(), torch.no_grad(), serving_rows(["a", "b", "c"], [0, 0, 0]):
+        want = lab.ref.model(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= 1e-4
+    priced = lab.bs.last_priced
+    assert priced is not None and len(sim.records) == 3
+    assert sim.records[0].total_s == pytest.approx(float(priced.latency.total_s), rel=1e-9)
+    np.testing.assert_allclose(sim.records[0].device_tokens, priced.device_tokens)
+    for r in requests:  # each request's books: the step's prediction, its own calls
+        assert r.forwards[0]["predicted_s"] == pytest.approx(float(priced.latency.total_s))
+        assert r.expert_calls > 0 and r.context_tokens == 3
+    calls = sum(d["calls"] for d in lab.bs.summary()["devices"])
+    assert calls > 0 and sum(r.expert_calls for r in requests) >= calls  # a call carries ≥ 1 request
+
+
+def test_eight_users_at_once_all_finish_while_a_device_is_killed(lab_factory):
+    lab = lab_factory("mixtral", devices=4, settings=RuntimeSettings(heartbeat_s=0.2, max_active=8))
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def user(i: int) -> None:
+        try:
+            with BSClient(lab.server.address, TOKEN) as c:
+                req = api.GenerateRequest(PROMPTS[i % 4], max_new_tokens=12, chat=False)
+                results[i] = c.generate(req)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while lab.bs.engine.forwards < 10 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    lab.devices[2].stop()  # mid-answer: the users' requests are in the batch
+    for t in threads:
+        t.join(120)
+    assert not errors and sorted(results) == list(range(8))
+    assert all(m["new_tokens"] == 12 for m in results.values())
+    assert sum(m["dropped"] for m in results.values()) > 0  # its experts were dropped, not waited for
+    assert lab.bs.summary()["devices"][2]["usable"] is False
