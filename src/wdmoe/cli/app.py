@@ -7,6 +7,7 @@ from wdmoe.cli.cell import cell_app
 from wdmoe.cli.demo import demo
 from wdmoe.cli.eval import eval_cmd
 from wdmoe.cli.generate import generate
+from wdmoe.cli.load import load_cmd
 from wdmoe.cli.model import model_app
 from wdmoe.cli.report import report_cmd, reproduce_cmd
 from wdmoe.cli.runtime import cluster_cmd, device_cmd, serve_bs_cmd, stats_cmd
@@ -29,6 +30,7 @@ app.command(
 app.command("generate")(generate)
 app.command("demo")(demo)
 app.command("eval")(eval_cmd)
+app.command("load")(load_cmd)
 
 
 def main() -> None:

@@ -32,18 +32,26 @@ def print_highlights(rows: tuple) -> None:
 
 
 def report_cmd(
-    results: Annotated[Path, typer.Argument(help="Results file (JSON Lines from `wdmoe eval` / reproduce).")],
+    results: Annotated[
+        Path,
+        typer.Argument(help="Results file (JSON Lines from `wdmoe eval` / reproduce, or `wdmoe load`)."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md and the plots.")] = Path("report"),
     title: Annotated[str, typer.Option(help="The report's title.")] = "wdmoe report",
 ) -> None:
-    """Tables per task (accuracy, latency, ×speed-up and Δaccuracy against vanilla topk) and plots."""
-    from wdmoe.studies.report import load_records, write_report
+    """Tables per task (accuracy, latency, ×speed-up and Δaccuracy against vanilla topk) and plots;
+    with `wdmoe load` results beside it (load*.jsonl), the latency under load section."""
+    from wdmoe.studies.load_io import read_load_files
+    from wdmoe.studies.report import find_load_files, load_records, write_report
 
     try:
-        report = write_report(load_records(results), out, title)
+        load_files = find_load_files(results)
+        records = [] if load_files and results in load_files else load_records(results)
+        report = write_report(records, out, title, load=read_load_files(load_files))
     except WdmoeError as e:
         raise fail(e) from e
-    print_highlights(report.rows)
+    if report.rows:
+        print_highlights(report.rows)
     err.print(f"wrote [bold]{report.markdown}[/] ({len(report.rows)} rows) and {len(report.plots)} plots")
 
 

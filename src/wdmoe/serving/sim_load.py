@@ -22,8 +22,8 @@ from wdmoe.config import ScenarioConfig
 from wdmoe.generate import check_fits, encode_prompt
 from wdmoe.models.install import WirelessModel
 from wdmoe.serving.engine import Engine, Job, eos_ids
+from wdmoe.serving.load import LoadRecord
 from wdmoe.simulate import SimSettings, Simulation
-from wdmoe.studies.load import LoadRecord
 
 
 @dataclass
@@ -122,7 +122,7 @@ def simulate_load(
     on_record: Callable[[LoadRecord], None] | None = None,
 ) -> list[LoadRecord]:
     """Serve request i (prompt ``prompts[i mod len]``, greedy, chat template) arriving at
-    ``arrivals_s[i]`` simulated seconds; one :class:`~wdmoe.studies.load.LoadRecord` per request
+    ``arrivals_s[i]`` simulated seconds; one :class:`~wdmoe.serving.load.LoadRecord` per request
     (face "sim"), handed to ``on_record`` as each ends (module doc)."""
     arrivals = np.sort(np.asarray(arrivals_s, dtype=float))
     ids = [encode_prompt(tok, prompts[i % len(prompts)], True, None)[0] for i in range(len(arrivals))]

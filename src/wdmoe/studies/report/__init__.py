@@ -3,7 +3,8 @@ Markdown (``markdown``) and plots (``plots``), written together by :func:`write_
 
 Input: the JSON Lines records of `wdmoe eval` / `wdmoe sweep` / `wdmoe reproduce` (schema:
 :func:`wdmoe.eval.results.make_record`); :mod:`wdmoe.studies.report.rows` says how rows are formed
-and compared.
+and compared. The records of `wdmoe load` (:mod:`wdmoe.studies.load_io`) add the "Latency under
+load" section (:mod:`wdmoe.studies.report.load`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from wdmoe.errors import ConfigError
+from wdmoe.serving.load import LoadRecord
+from wdmoe.studies.report.load import (
+    LOAD_PLOT_NAMES,
+    find_load_files,
+    render_load_section,
+    write_load_section,
+)
 from wdmoe.studies.report.markdown import (
     NOTES,
     render_markdown,
@@ -52,20 +60,33 @@ class Report:
     rows: tuple[Row, ...]
 
 
-def write_report(records: Sequence[Mapping[str, Any]], folder: Path, title: str = "wdmoe report") -> Report:
-    """``folder/report.md`` with a table per task, and the plots beside it."""
-    if not records:
+def write_report(
+    records: Sequence[Mapping[str, Any]],
+    folder: Path,
+    title: str = "wdmoe report",
+    load: Sequence[LoadRecord] = (),
+) -> Report:
+    """``folder/report.md`` with a table per task, and the plots beside it; then, with ``load``
+    records (`wdmoe load`), the "Latency under load" section and its two plots. Either may be
+    empty, not both."""
+    if not records and not load:
         raise ConfigError("no records to report on")
-    rows = make_rows(records)
     folder = Path(folder)
-    plots = write_plots(rows, folder)
+    rows = make_rows(records) if records else []
+    plots = write_plots(rows, folder) if rows else []
+    text = render_markdown(rows, plots, title) if rows else f"# {title}\n"
+    if load:
+        section, load_plots = write_load_section(load, folder)
+        text, plots = f"{text}\n{section}", [*plots, *load_plots]
     markdown = folder / "report.md"
-    markdown.write_text(render_markdown(rows, plots, title), encoding="utf-8")
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text, encoding="utf-8")
     return Report(markdown, tuple(plots), tuple(rows))
 
 
 __all__ = [
     "HEAVY_TAIL_RATIO",
+    "LOAD_PLOT_NAMES",
     "NOTES",
     "PLOT_NAMES",
     "Comparison",
@@ -75,6 +96,7 @@ __all__ = [
     "baseline",
     "check_record",
     "compare",
+    "find_load_files",
     "fronts",
     "highlights",
     "load_records",
@@ -84,6 +106,7 @@ __all__ = [
     "policy_label",
     "primary_metric",
     "quality",
+    "render_load_section",
     "render_markdown",
     "render_tables",
     "tail_note",
@@ -91,6 +114,7 @@ __all__ = [
     "tail_ratio",
     "task_table",
     "worst_link",
+    "write_load_section",
     "write_plots",
     "write_report",
 ]
