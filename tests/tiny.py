@@ -69,10 +69,139 @@ def tiny_config(family: str) -> PretrainedConfig:
             pad_token_id=0,
             bos_token_id=2,
         )
+    if family in NEW_CONFIGS:
+        return NEW_CONFIGS[family]()
     raise KeyError(family)
 
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def _new_configs() -> dict:
+    """Tiny configs of the families added for issue 13: 3 layers (a dense first layer where the
+    family has one), 8 routed experts, every routing option the family's router has switched on."""
+    import transformers as tf
+
+    common = {**COMMON, "num_hidden_layers": 3}
+    mla = {**common, "num_key_value_heads": 4}  # MLA: as many key-value heads as query heads
+    mla |= dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+    experts = dict(moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1)
+    return {
+        "deepseek_v2": lambda: tf.DeepseekV2Config(
+            **mla,
+            **experts,
+            intermediate_size=64,
+            num_experts_per_tok=3,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+        ),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            **mla,
+            **experts,
+            intermediate_size=64,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
+        "glm4_moe": lambda: tf.Glm4MoeConfig(
+            **common,
+            **experts,
+            head_dim=8,
+            intermediate_size=64,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.8,
+            norm_topk_prob=True,
+        ),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            **common,
+            head_dim=8,
+            intermediate_size=24,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            swiglu_limit=0.05,  # small enough that the tiny model's activations are clamped
+        ),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **common,
+            head_dim=8,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            mlp_only_layers=[0],
+        ),
+        "ernie4_5_moe": lambda: tf.Ernie4_5_MoeConfig(
+            **common,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+        ),
+        "granitemoe": lambda: tf.GraniteMoeConfig(
+            **common,
+            intermediate_size=24,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            logits_scaling=2.0,
+            attention_multiplier=0.3,
+        ),
+        "granitemoeshared": lambda: tf.GraniteMoeSharedConfig(
+            **common,
+            intermediate_size=24,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=40,
+            residual_multiplier=0.5,
+        ),
+        "phimoe": lambda: tf.PhimoeConfig(
+            **common,
+            intermediate_size=24,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        "llama4_text": lambda: tf.Llama4TextConfig(
+            **common,
+            head_dim=8,
+            intermediate_size=24,
+            intermediate_size_mlp=48,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            moe_layers=[1, 2],
+            attention_chunk_size=16,
+        ),
+        "flex_olmo": lambda: tf.FlexOlmoConfig(
+            **common,
+            intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+    }
+
+
+NEW_CONFIGS = _new_configs()
+NEW_FAMILIES = list(NEW_CONFIGS)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -82,7 +211,19 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     for name, p in model.named_parameters():
         if name.endswith("gate.weight"):
             torch.nn.init.normal_(p, std=0.5)
+    if family in NEW_CONFIGS:
+        _randomize_routing(model)
     return model.eval()
+
+
+def _randomize_routing(model: torch.nn.Module) -> None:
+    """Routers named `router`, router biases and bias-corrected choices random too (new families)."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("router.weight", "router.bias", "e_score_correction_bias")):
+                torch.nn.init.normal_(t, std=0.5)
+            elif name.endswith("_proj_bias"):  # GPT-OSS experts' biases start at zero
+                torch.nn.init.normal_(t, std=0.02)
 
 
 WORDS = (

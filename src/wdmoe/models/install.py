@@ -7,18 +7,19 @@ view of this forward, ``observe`` / ``begin_request`` tell the policy what a for
 when a request starts.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 
 from wdmoe.errors import ConfigError
 from wdmoe.latency.view import ExpertLatency
-from wdmoe.models.adapters import MoEAdapter, adapter_for, decoder_layers, moe_blocks
+from wdmoe.models.adapters import MoEAdapter, adapter_for, decoder_layers, moe_slots
 from wdmoe.models.block import BlockContext, Recorder, WirelessMoEBlock
 from wdmoe.models.dispatch import Dispatcher, LocalDispatcher
+from wdmoe.models.experts import ExpertLayout, expert_size, run_fused
 from wdmoe.policies import Policy, make_policy
 from wdmoe.types import CausalLM, Feedback
 
@@ -81,7 +82,13 @@ class WirelessModel:
 
     @property
     def top_k(self) -> int:
-        return int(next(iter(self.blocks.values())).gate.top_k)
+        return int(next(iter(self.blocks.values())).router_module.top_k)
+
+    @property
+    def expert_size(self) -> int:
+        """F, the inner width of one routed expert (read before the experts are released)."""
+        experts = next(iter(self.blocks.values())).experts
+        return expert_size(experts, self.adapter.layout(experts))
 
     @property
     def policy(self) -> Policy:
@@ -137,8 +144,12 @@ class WirelessModel:
         """Change how many candidates the router proposes per token (1 ≤ k ≤ E)."""
         if not 1 <= k <= self.num_experts:
             raise ConfigError(f"top_k must be in 1..{self.num_experts} for this model, got {k}")
+        fixed = self.adapter.fixed_top_k
+        if fixed is not None and k != fixed:
+            name = self.adapter.name
+            raise ConfigError(f"top_k of a {name} model is always {fixed} (its router ignores it), got {k}")
         for block in self.blocks.values():
-            block.gate.top_k = k
+            block.router_module.top_k = k
 
     def release_experts(self) -> int:
         """Free the fused expert tensors (devices hold the experts now); returns the bytes freed.
@@ -146,15 +157,31 @@ class WirelessModel:
         possible."""
         freed = 0
         for block in self.blocks.values():
-            for name in ("gate_up_proj", "down_proj"):
+            for name in self.adapter.layout(block.experts).params():
                 old = getattr(block.experts, name)
                 freed += old.numel() * old.element_size()
-                empty = torch.empty(old.shape[0], 0, 0, dtype=old.dtype)
+                empty = torch.empty(old.shape[0], *(0,) * (old.dim() - 1), dtype=old.dtype)
                 setattr(block.experts, name, torch.nn.Parameter(empty, requires_grad=False))
         return freed
 
     def local_dispatcher(self) -> LocalDispatcher:
-        return LocalDispatcher({i: b.experts for i, b in self.blocks.items()})
+        return FusedDispatcher(
+            {i: b.experts for i, b in self.blocks.items()},
+            {i: self.adapter.layout(b.experts) for i, b in self.blocks.items()},
+        )
+
+
+class FusedDispatcher(LocalDispatcher):
+    """Runs every expert in this process from the model's own fused tensors, in each family's
+    layout and with its own gating (:func:`wdmoe.models.experts.run_fused`)."""
+
+    def __init__(self, experts_by_layer: dict[int, Any], layouts: dict[int, ExpertLayout]) -> None:
+        super().__init__(experts_by_layer)
+        self.layouts = layouts
+
+    def run(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        experts, layout = self.experts_by_layer[layer], self.layouts[layer]
+        return {e: run_fused(experts, layout, e, x) for e, x in inputs.items()}
 
 
 def install(
@@ -169,24 +196,23 @@ def install(
     context = BlockContext(policy or make_policy("topk"))
     recorder = Recorder()
     layers = decoder_layers(model)
-    renormalize = adapter.renormalize(model.config)
+    spec = adapter.block_spec(model.config)
     blocks: dict[int, WirelessMoEBlock] = {}
-    for i, old in list(moe_blocks(model)):
+    for i, attr, old in list(moe_slots(model)):
         if isinstance(old, WirelessMoEBlock):
             raise ConfigError("wdmoe is already installed in this model")
+        names = [n for n in (*spec.shared, spec.shared_gate) if n and getattr(old, n, None) is not None]
         blocks[i] = WirelessMoEBlock(
             i,
-            old.gate,
+            getattr(old, spec.router),
             old.experts,
-            renormalize=renormalize,
-            importance=adapter.importance,
+            spec=replace(spec, shared=tuple(n for n in spec.shared if n in names)),
             context=context,
             dispatcher=None,  # type: ignore[arg-type]  # set below, once all blocks exist
             recorder=recorder,
-            shared_expert=getattr(old, "shared_expert", None),
-            shared_expert_gate=getattr(old, "shared_expert_gate", None),
+            shared={n: getattr(old, n) for n in names},
         )
-        layers[i].mlp = blocks[i]
+        setattr(layers[i], attr, blocks[i])
     handle = WirelessModel(model, adapter, blocks, recorder, context)
     handle.set_dispatcher(dispatcher or handle.local_dispatcher())
     return handle

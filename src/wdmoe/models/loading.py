@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from wdmoe.errors import ModelFolderError, ModelNotFoundError, UnsupportedModelError, WdmoeError
-from wdmoe.models.adapters import ADAPTERS
+from wdmoe.models.adapters import supported_types
 from wdmoe.models.default import load_default, load_moefied
 from wdmoe.models.split import safetensors_file
 from wdmoe.types import CausalLM
@@ -43,7 +43,7 @@ LOAD_ERRORS = (
 
 
 def supported_model_types() -> list[str]:
-    return sorted({t for n in ADAPTERS for t in ADAPTERS.get(n).model_types} - {"llama"})
+    return supported_types()
 
 
 def one_line(error: BaseException) -> str:

@@ -1,8 +1,12 @@
 """Split a MoE model into the BS part and standalone expert shards (safetensors), and back.
 
-A shard holds one expert of one layer — ``gate_up`` [2F, D] and ``down`` [D, F] — with its layer,
-expert id and activation in the safetensors metadata, so a device loads only what it hosts. The
-BS part is every other tensor of the state dict, under its original name.
+A shard holds one expert of one layer in the canonical layout of :mod:`wdmoe.models.experts` —
+``gate_up`` [2F, D] and ``down`` [D, F], and for families with biased experts (GPT-OSS)
+``gate_up_bias`` [2F] and ``down_bias`` [D] — with its layer, expert id and gating name in the
+safetensors metadata, so a device loads only what it hosts. Shards without biases keep format
+``wdmoe-expert/1``; with biases they are ``wdmoe-expert/2`` (a reader of /1 would drop the biases).
+The BS part is every other tensor of the state dict (routers, shared experts, dense layers), under
+its original name.
 """
 
 import json
@@ -23,9 +27,14 @@ from wdmoe.types import CausalLM
 # wdmoe.models.adapters (model code) is imported where a whole model is split or filled, so that a
 # device worker, which only reads shards, does not load it.
 
-EXPERT_PARAMS = (".experts.gate_up_proj", ".experts.down_proj")
+EXPERT_PARAMS = tuple(
+    f".experts.{name}" for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+)
 BS_FILE = "bs.safetensors"
 SHARD_FORMAT = "wdmoe-expert/1"
+BIASED_FORMAT = "wdmoe-expert/2"
+SHARD_FORMATS = (SHARD_FORMAT, BIASED_FORMAT)
+BIASES = ("gate_up_bias", "down_bias")
 
 
 @dataclass(frozen=True)
@@ -43,28 +52,27 @@ def is_expert_param(name: str) -> bool:
 
 
 def expert_shard(model: CausalLM, layer: int, expert: int) -> ExpertWeights:
-    """The weights of one expert, copied out of the fused tensors."""
-    from wdmoe.models.adapters import moe_blocks
+    """The weights of one expert, copied out of the fused tensors into the canonical layout."""
+    from wdmoe.models.adapters import adapter_for, moe_blocks
+    from wdmoe.models.experts import canonical_expert
 
+    adapter = adapter_for(model)
     experts = dict(moe_blocks(model))[layer].experts
-    return ExpertWeights(
-        experts.gate_up_proj[expert].detach().clone(),
-        experts.down_proj[expert].detach().clone(),
-        model.config.hidden_act,
-    )
+    return canonical_expert(experts, adapter.layout(experts), expert, adapter.act(experts, model.config))
 
 
 def save_expert_shard(weights: ExpertWeights, shard: ShardId, folder: Path) -> Path:
+    tensors = {"gate_up": weights.gate_up, "down": weights.down}
+    if weights.gate_up_bias is not None and weights.down_bias is not None:
+        tensors |= {"gate_up_bias": weights.gate_up_bias, "down_bias": weights.down_bias}
     meta = {
         "layer": str(shard.layer),
         "expert": str(shard.expert),
         "act": weights.act,
-        "format": SHARD_FORMAT,
+        "format": BIASED_FORMAT if len(tensors) > 2 else SHARD_FORMAT,
     }
     path = folder / shard.filename
-    save_file(
-        {"gate_up": weights.gate_up.contiguous(), "down": weights.down.contiguous()}, str(path), metadata=meta
-    )
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     return path
 
 
@@ -83,10 +91,12 @@ def shard_id(path: Path, meta: dict[str, str] | None, names: set[str]) -> ShardI
     """The id in a shard's metadata; anything but a file :func:`save_expert_shard` wrote raises
     ModelFolderError naming the file and what is missing."""
     meta = meta or {}
-    if meta.get("format") != SHARD_FORMAT or not {"gate_up", "down"} <= names:
+    needed = {"gate_up", "down"} | (set(BIASES) if meta.get("format") == BIASED_FORMAT else set())
+    if meta.get("format") not in SHARD_FORMATS or not needed <= names:
         raise ModelFolderError(
-            f"{path} is not a wdmoe expert shard: expected format {SHARD_FORMAT!r} and tensors "
-            f"gate_up, down; found format {meta.get('format')!r} and tensors {sorted(names)}"
+            f"{path} is not a wdmoe expert shard: expected format {SHARD_FORMAT!r} with tensors "
+            f"gate_up, down (or {BIASED_FORMAT!r} with gate_up_bias, down_bias too); found format "
+            f"{meta.get('format')!r} and tensors {sorted(names)}"
         )
     if not all(meta.get(k, "").isdecimal() for k in ("layer", "expert")) or not meta.get("act"):
         fields = {k: meta.get(k) for k in ("layer", "expert", "act")}
@@ -99,6 +109,10 @@ def check_shapes(path: Path, w: ExpertWeights) -> None:
     gu, dn = tuple(w.gate_up.shape), tuple(w.down.shape)
     if len(gu) != 2 or len(dn) != 2 or gu != (2 * dn[1], dn[0]):
         raise ModelFolderError(f"{path}: expert shard shapes gate_up {gu}, down {dn} are not [2F, D], [D, F]")
+    if w.gate_up_bias is not None and w.down_bias is not None:
+        bu, bd = tuple(w.gate_up_bias.shape), tuple(w.down_bias.shape)
+        if (bu, bd) != ((gu[0],), (dn[0],)):
+            raise ModelFolderError(f"{path}: expert shard bias shapes {bu}, {bd} are not [2F], [D]")
 
 
 def load_expert_shard(path: Path) -> tuple[ShardId, ExpertWeights]:
@@ -108,7 +122,8 @@ def load_expert_shard(path: Path) -> tuple[ShardId, ExpertWeights]:
         raise ModelNotFoundError(f"expert shard {path} does not exist (or is not a file)")
     with safetensors_file(path) as f:
         shard = shard_id(path, f.metadata(), set(f.keys()))
-        weights = ExpertWeights(f.get_tensor("gate_up"), f.get_tensor("down"), f.metadata()["act"])
+        biases = [f.get_tensor(k) if f.metadata()["format"] == BIASED_FORMAT else None for k in BIASES]
+        weights = ExpertWeights(f.get_tensor("gate_up"), f.get_tensor("down"), f.metadata()["act"], *biases)
     check_shapes(path, weights)
     return shard, weights
 
@@ -160,12 +175,14 @@ def tied_names(model: CausalLM) -> set[str]:
 
 
 def load_shards_into(model: CausalLM, paths: Iterable[Path]) -> None:
-    """Copy expert shards back into the fused expert tensors of ``model``."""
-    from wdmoe.models.adapters import moe_blocks
+    """Copy expert shards back into the fused expert tensors of ``model`` (in its layout)."""
+    from wdmoe.models.adapters import adapter_for, moe_blocks
+    from wdmoe.models.experts import load_canonical
 
+    adapter = adapter_for(model)
     blocks = dict(moe_blocks(model))
     with torch.no_grad():
         for path in paths:
             shard, w = load_expert_shard(path)
-            blocks[shard.layer].experts.gate_up_proj[shard.expert].copy_(w.gate_up)
-            blocks[shard.layer].experts.down_proj[shard.expert].copy_(w.down)
+            experts = blocks[shard.layer].experts
+            load_canonical(experts, adapter.layout(experts), shard.expert, w)

@@ -80,7 +80,7 @@ def model_dims(wm: WirelessModel, name: str) -> ModelConfig:
     return ModelConfig(
         name=name,
         hidden_size=int(cfg.hidden_size),
-        ffn_size=int(block.experts.down_proj.shape[-1]),
+        ffn_size=wm.expert_size,
         num_layers=len(wm.blocks),
         num_experts=wm.num_experts,
         top_k=wm.top_k,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from wdmoe.allocation import Allocator, make_allocator
-from wdmoe.config import ScenarioConfig
+from wdmoe.config import ScenarioConfig, load_scenario
 from wdmoe.errors import ConfigError
 from wdmoe.eval.tasks import (
     ChoiceItem,
@@ -106,9 +106,33 @@ def mixtral_route(logits: torch.Tensor, top_k: int) -> RouterOutput:
     return RouterOutput(logits, candidates, weights, top, renormalize=True)
 
 
-def layer_logits(sample: RouterSample, num_layers: int) -> list[torch.Tensor]:
-    """The source layers mapped onto ``num_layers`` target layers cyclically (l → l mod L_src)."""
-    return [sample[layer % len(sample)] for layer in range(num_layers)]
+def layer_logits(sample: RouterSample, num_layers: int, num_experts: int | None = None) -> list[torch.Tensor]:
+    """The source layers mapped onto ``num_layers`` target layers cyclically (l → l mod L_src), each
+    widened to ``num_experts`` experts by :func:`wider_logits` when the target has more."""
+    width = num_experts or int(sample[0].shape[-1])
+    return [wider_logits(sample, layer, width) for layer in range(num_layers)]
+
+
+def wider_logits(sample: RouterSample, layer: int, num_experts: int) -> torch.Tensor:
+    """Router logits [T, E] for target layer l from a source router with E_s ≤ E experts.
+
+    E = E_s: source layer l mod L_src. E a multiple of E_s: target expert e is read as digits in base E_s,
+    e = d_0 + E_s·d_1 + E_s²·d_2 + …, and its logit is Σ_m z^{(l+m)}[d_m], the logits of the
+    source layers l, l+1, … (mod L_src) at those digits: the joint choice of m independent source
+    routers, so a token's preference among the E experts is still the source model's, token by token
+    (a DeepSeek-V3 preset, E = 256, reads three consecutive layers of the 8-expert default model; a
+    source with fewer layers than digits repeats its layers, and experts whose digits are a
+    permutation of each other then tie).
+    """
+    src = int(sample[0].shape[-1])
+    if num_experts == src:
+        return sample[layer % len(sample)]
+    assert num_experts % src == 0 and src > 1, f"{num_experts} experts are no multiple of {src}"
+    digits, out, m = torch.arange(num_experts), torch.zeros(sample[0].shape[0], num_experts), 0
+    while src**m < num_experts:
+        out += sample[(layer + m) % len(sample)].float()[:, digits % src]
+        digits, m = digits // src, m + 1
+    return out
 
 
 def arrival_blocks(requests: int, interval_s: float, block_s: float) -> list[int]:
@@ -136,13 +160,14 @@ def price_request(
     """One prompt's prefill on the cell snapshot ``snap``: select per layer on the BS's view (equal
     split, as the simulator's policies see it), then :func:`price_forward` on the truth."""
     m = scenario.model
+    src = int(sample[0].shape[-1])
+    if m.num_experts % src or src < 2:
+        raise ConfigError(
+            f"the router scores have {src} experts but {m.name} has {m.num_experts}; record them from "
+            "a model whose expert count divides it (the scores are widened to a multiple: wider_logits)"
+        )
     traces = []
-    for layer, logits in enumerate(layer_logits(sample, m.num_layers)):
-        if logits.shape[-1] != m.num_experts:
-            raise ConfigError(
-                f"the router scores have {logits.shape[-1]} experts but {m.name} has {m.num_experts}; "
-                "record them from a model with as many experts"
-            )
+    for layer, logits in enumerate(layer_logits(sample, m.num_layers, m.num_experts)):
         route = mixtral_route(logits, m.top_k)
         sel = policy.select(route, snap.view)
         traces.append(LayerTrace(layer, logits, route.candidates, sel.keep, sel.weights))
@@ -287,4 +312,57 @@ def render_study(
             f"{r.speedup:.2f}× | {r.speedup_vs_equal:.2f}× | {(1 - 1 / r.speedup) * 100:.1f} | "
             f"{r.retained_mass:.3f} | {r.drop_rate:.3f} | {r.experts_per_token:.2f} |"
         )
+    return "\n".join(lines)
+
+
+# --- 3. the same scores at the dimensions of other models' presets ----------------------------
+
+# configs/models/*.toml whose rows `wdmoe reproduce` adds to its latency study.
+STUDY_PRESETS = (
+    "mixtral-8x22b",
+    "deepseek-v3",
+    "gpt-oss-20b",
+    "gpt-oss-120b",
+    "qwen3-30b-a3b",
+    "qwen3-next-80b-a3b",
+    "olmoe-1b-7b",
+    "llama4-scout-17b-16e",
+)
+
+
+def run_presets(
+    samples: Sequence[RouterSample],
+    scenario: str,
+    overrides: Sequence[str],
+    presets: Sequence[str] = STUDY_PRESETS,
+    **study: Any,
+) -> dict[str, tuple[ScenarioConfig, list[StudyRow]]]:
+    """:func:`run_study` of the same router scores on the ``scenario`` cell (with ``overrides``)
+    at each preset's dimensions (``model=<preset>``); scores are widened to its E (wider_logits)."""
+    out = {}
+    for name in presets:
+        at = load_scenario(scenario, [*overrides, f"model={name}"])
+        out[name] = (at, run_study(samples, at, **study))
+    return out
+
+
+def render_presets(results: dict[str, tuple[ScenarioConfig, list[StudyRow]]]) -> str:
+    """One Markdown row per (preset, allocator): topk's mean prefill latency, then each θ's
+    speed-up against it (and drop rate)."""
+    thetas = sorted({r.theta for _, rows in results.values() for r in rows} - {0.0})
+    lines = [
+        "| model | D | F | L | E | k | allocator | topk mean s | "
+        + " | ".join(f"θ={t:g} speed-up (drop)" for t in thetas)
+        + " |",
+        "|" + "---|" * (8 + len(thetas)),
+    ]
+    for name, (scenario, rows) in results.items():
+        m = scenario.model
+        for allocator in dict.fromkeys(r.allocator for r in rows):
+            mine = {r.theta: r for r in rows if r.allocator == allocator}
+            cells = [f"{mine[t].speedup:.2f}× ({mine[t].drop_rate:.2f})" for t in thetas if t in mine]
+            lines.append(
+                f"| {name} | {m.hidden_size} | {m.ffn_size} | {m.num_layers} | {m.num_experts} | {m.top_k} "
+                f"| {allocator} | {mine[0.0].mean_s:.3f} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from wdmoe.eval.harness import EvalSettings
 from wdmoe.eval.tasks import get_task
 from wdmoe.simulate import SimSettings
 from wdmoe.studies.latency_study import DEFAULT_THETAS as STUDY_THETAS
-from wdmoe.studies.latency_study import StudyRow
+from wdmoe.studies.latency_study import STUDY_PRESETS, StudyRow
 from wdmoe.studies.report import policy_label
 from wdmoe.studies.runner import EvalPoint, PolicySpec
 
@@ -30,7 +30,8 @@ class ReproduceSettings:
     latency study on the first); ``limit``: items per task (None: all); generation tasks (GSM8K)
     use ``gsm8k_limit`` and ``max_new_tokens`` instead; ``task_limits``: (task, items) pairs that
     replace either limit for that task; ``study_prompts``: prompts per task for the Mixtral
-    latency study (0: skip it)."""
+    latency study (0: skip it); ``study_presets``: model presets (configs/models) whose
+    dimensions the study also prices the same router scores at."""
 
     tasks: tuple[str, ...] = PAPER_TASKS
     thetas: tuple[float, ...] = PAPER_THETAS
@@ -49,6 +50,7 @@ class ReproduceSettings:
     batch_size: int = 16
     study_prompts: int = 20
     study_thetas: tuple[float, ...] = STUDY_THETAS
+    study_presets: tuple[str, ...] = STUDY_PRESETS
 
     def __post_init__(self) -> None:
         if not self.tasks:
