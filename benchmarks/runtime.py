@@ -1,19 +1,19 @@
-"""What distribution costs on the default model: per-layer fan-out/fan-in and decode speed on both
-data planes, worker memory.
+"""What distribution costs on the default model: per-layer fan-out/fan-in, decode speed, worker memory.
 
     OMP_NUM_THREADS=1 python benchmarks/runtime.py [--tokens 24] [--rounds 3] [--new-tokens 32]
 
-Side by side in one run, on loopback with no emulated link delay (drop mode, a generous grace so
-that no expert is dropped on a busy machine, no link outage in the cell: every expert is called,
-so answers compare exactly). The cluster's BS calls its 8 device processes on the stream data
-plane (one persistent connection per device) or on gRPC (a RunExpert call each): the same BS and
-devices, the plane switched between variants (``Links.data_plane``).
+Side by side in one run, on loopback with no emulated link delay (drop mode, a generous grace, no
+link outage in the cell: every expert is called, so answers compare exactly). The cluster's BS
+calls its 8 device processes on the stream data plane (one persistent connection per device) or
+on gRPC (a RunExpert call each): the same BS and devices, the plane switched between variants
+(``Links.data_plane``).
 
 1. Per-layer: ``bs.dispatcher.run(layer, inputs)`` on decode-like inputs (one token for each of the
    top-7 experts: 7 of 8 devices busy) through the cluster on each plane and through a BS whose 8
    device servers are threads of this process (stream), against the in-process
    ``LocalDispatcher``; variants in turn on every (token, layer), each inside a forward's channel
-   snapshot (``begin_forward``, once per token, timed apart). Overhead = distributed − local on the
+   snapshot (``begin_forward``, once per token, timed apart), each layer after its policy's view
+   (``view_at``, as a model's forward takes it; timed apart). Overhead = distributed − local on the
    same (token, layer); fan-out = ``Links.fan_out`` (send all, gather all); median and p95; the CPU
    per layer of this process (the BS) and of the device processes. Goal: overhead ≤ 1 ms.
 2. Decode tokens/s (``wdmoe.generate.generate``, greedy, one prompt): in-process vs each variant's
@@ -21,8 +21,7 @@ devices, the plane switched between variants (``Links.data_plane``).
 3. Worker memory: RSS and USS (psutil) of each subprocess worker against its shard files, and of a
    worker hosting one shard (the fixed Python + torch + gRPC cost).
 
-Prints a table and writes benchmarks/results/runtime.json with the machine's load average (2 busy
-cores make every number here noisy: compare runs made at similar load).
+Prints a table, writes benchmarks/results/runtime.json with the load average (2 busy cores: noisy).
 """
 
 import argparse
@@ -67,6 +66,9 @@ ANCHORS = {
     "llama.cpp RPC backend": "lost about a third of its tokens/s when split over 1 GbE",
     "Petals": "budgets ~18 ms of serialization per hop",
 }
+LEGEND = """  (fan-out: send all + gather; BS rest: planning, books; 1 call: one alone, from this thread;
+   snapshot: begin_forward, per forward; view_at: the policy's view, per layer (not in its time); BS CPU:
+   this process's per layer, median (device threads' too); dev. CPU: the 8 device processes', per layer)"""
 Inputs = dict[int, torch.Tensor]  # expert → hidden [1, D]
 Dispatch = Callable[[int, Inputs], Mapping[int, torch.Tensor]]
 Variant = tuple[Dispatch, BaseStation | None, str]  # run, its BS (None: local), its data plane
@@ -103,23 +105,28 @@ def decode_inputs(wm: WirelessModel, tokens: int, gen: torch.Generator) -> list[
 
 
 def time_token(
-    run: Dispatch, per_layer: list[Inputs], bs: BaseStation | None, cpu: list[float] | None = None
+    run: Dispatch, per_layer: list[Inputs], bs: BaseStation | None, into: dict[str, list[float]] | None = None
 ) -> tuple[list[float], float]:
     """Seconds per layer for one token's layers, and the forward's snapshot cost (0 without a BS);
-    ``cpu`` collects this process's CPU seconds per layer (all its threads)."""
-    snapshot_s = 0.0
+    ``into`` collects per layer this process's CPU seconds ("cpu") and ``view_at``'s ("view")."""
+    snapshot_s = view_s = 0.0
     if bs is not None:  # what the wrapped forward does once per forward
         start = time.perf_counter()
-        bs.dispatcher.current = bs.begin_forward(None)
+        bs.dispatcher.current = bs.begin_forward([])
         snapshot_s = time.perf_counter() - start
     times = []
     try:
         for layer, inputs in enumerate(per_layer):
+            if bs is not None:
+                start = time.perf_counter()
+                bs.view_at(layer)
+                view_s = time.perf_counter() - start
             start, cpu_start = time.perf_counter(), time.process_time()
             outputs = run(layer, inputs)
             times.append(time.perf_counter() - start)
-            if cpu is not None:
-                cpu.append(time.process_time() - cpu_start)
+            if into is not None:
+                into["cpu"].append(time.process_time() - cpu_start)
+                into["view"].append(view_s)
             assert sorted(outputs) == sorted(inputs), (layer, sorted(outputs), sorted(inputs))
     finally:
         if bs is not None:
@@ -176,8 +183,8 @@ def clock_fan_out(bs: BaseStation) -> list[float]:
 
 def use(variant: Variant) -> None:
     """Put the variant's BS (if any) on the variant's data plane."""
-    if variant[1] is not None:
-        variant[1].links.data_plane = variant[2]
+    if (bs := variant[1]) is not None:
+        bs.links.data_plane = variant[2]
 
 
 def summarise(ms: list[float], local: np.ndarray, fan_out: list[float], cpu_s: list[float]) -> dict[str, Any]:
@@ -208,14 +215,15 @@ def layer_overhead(
     """Every variant on every token in turn (warm-up first): per-layer ms, overhead vs 'local', for a
     BS its fan-out and the rest (planning, books), the CPU its ``devices`` (processes) spent."""
     clocks = {id(bs): clock_fan_out(bs) for _, bs, _ in variants.values() if bs is not None}
-    ms, fan_out, snapshot_ms, cpu = ({name: [] for name in variants} for _ in range(4))
+    ms, fan_out, snapshot_ms = ({name: [] for name in variants} for _ in range(3))
+    taken: dict[str, dict[str, list[float]]] = {name: {"cpu": [], "view": []} for name in variants}
     device_s = dict.fromkeys(variants, 0.0)
     for n, per_layer in enumerate([inputs[0], *inputs]):  # the first token is the warm-up
         for name, variant in variants.items():
             use(variant)
             run, bs, _ = variant
             before = cpu_s(devices.get(name, []))
-            times, snap = time_token(run, per_layer, bs, cpu[name] if n else None)
+            times, snap = time_token(run, per_layer, bs, taken[name] if n else None)
             sent = clocks[id(bs)] if bs is not None else []
             fan_out[name] += sent if n else []
             sent.clear()
@@ -225,8 +233,9 @@ def layer_overhead(
                 device_s[name] += cpu_s(devices.get(name, [])) - before
     local = np.array(ms["local"])
     return {
-        name: summarise(ms[name], local, fan_out[name], cpu[name])
+        name: summarise(ms[name], local, fan_out[name], taken[name]["cpu"])
         | {"forward_snapshot_ms_median": float(np.median(snapshot_ms[name]))}
+        | {"view_at_ms_median": float(np.median(1e3 * np.array(taken[name]["view"])))}
         | ({"devices_cpu_ms_mean": 1e3 * device_s[name] / len(ms[name])} if name in devices else {})
         for name in variants
     }
@@ -268,9 +277,8 @@ def worker_memory(cluster: Cluster) -> list[dict[str, Any]]:
     for d in cluster.devices:
         assert d.process is not None
         shard_mb = sum(p.stat().st_size for p in d.shards) / 1e6
-        rows.append(
-            {"device": d.device, "shards": len(d.shards), "shard_mb": shard_mb} | memory_mb(d.process.pid)
-        )
+        rows.append({"device": d.device, "shards": len(d.shards), "shard_mb": shard_mb})
+        rows[-1] |= memory_mb(d.process.pid)
     return rows
 
 
@@ -293,23 +301,17 @@ def one_shard_worker(shard: Path) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     print(f"\nper-layer fan-out/fan-in, {DEVICES} devices, top-7, 1 token per expert (goal: overhead ≤ 1 ms)")
     head = ("layer med", "p95", "overhead med", "p95", "fan-out med", "p95", "BS rest", "1 call")
-    head += ("snapshot", "BS CPU", "dev. CPU")
+    head += ("snapshot", "view_at", "BS CPU", "dev. CPU")
     print(f"  {'variant (ms)':<24}" + "".join(f"{h:>13}" for h in head))
-    keys = ["layer_ms_median", "layer_ms_p95", "overhead_ms_median", "overhead_ms_p95", "fan_out_ms_median"]
-    keys += ["fan_out_ms_p95", "bs_rest_ms_median", "call_floor_ms", "forward_snapshot_ms_median"]
+    keys = "layer overhead fan_out".split()
+    keys = [f"{k}_ms_{q}" for k in keys for q in ("median", "p95")] + ["bs_rest_ms_median", "call_floor_ms"]
+    keys += ["forward_snapshot_ms_median", "view_at_ms_median"]
     keys += ["process_cpu_ms_median", "devices_cpu_ms_mean"]
     for name, r in result["layer"].items():
         print(f"  {name:<24}" + "".join(f"{r[k]:>13.3f}" if k in r else f"{'-':>13}" for k in keys))
-    print(
-        "  (fan-out: send all + gather; BS rest: planning, books; 1 call: one call alone, from this thread;"
-    )
-    print(
-        "   snapshot: begin_forward, once per forward; BS CPU: this process's per layer, median (with device"
-    )
-    print("   threads, theirs too); dev. CPU: the 8 device processes' per layer, together, mean)")
-    print(
-        f"\ndecode tokens/s, {result['new_tokens']} new tokens greedy, {result['rounds']} rounds (goal ≥ 0.6)"
-    )
+    print(LEGEND)
+    greedy = f"{result['new_tokens']} new tokens greedy, {result['rounds']} rounds (goal ≥ 0.6)"
+    print(f"\ndecode tokens/s, {greedy}")
     for name, r in result["decode"].items():
         print(
             f"  {name:<26}{r['decode_tokens_per_s_median']:>8.2f} tok/s  ×{r['ratio_to_in_process']:.2f}"
@@ -364,9 +366,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--tokens", type=int, default=24, help="decode-like tokens (× 30 layers) per variant")
     parser.add_argument("--rounds", type=int, default=3, help="generation rounds per model")
     parser.add_argument("--new-tokens", type=int, default=32)

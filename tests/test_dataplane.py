@@ -260,6 +260,28 @@ def test_an_oversized_length_is_refused_before_its_body(loop, device):
     assert call(loop, device.data_address, request())
 
 
+def test_a_ping_is_echoed_at_once_and_a_new_connection_times_its_round_trip(loop, device):
+    """Version 2: status PING asks for the body back (no compute); a client times PINGS of them when
+    it connects (the software's own round trip, :mod:`wdmoe.latency.overhead`)."""
+
+    async def run():
+        reader, writer = await authenticated(device.data_port)
+        writer.write(envelope(5, dataplane.PING, b"hello") + envelope(6, dataplane.PING, b"x" * 65))
+        echo, too_long = [await asyncio.wait_for(read_envelope(reader), 5) for _ in range(2)]
+        writer.close()
+        client = StreamClient(device.data_address, TOKEN)
+        assert client.ping_s is None
+        await client.call(request(), 5.0)
+        ping_s = client.ping_s
+        await client.close()
+        return echo, too_long, ping_s
+
+    echo, too_long, ping_s = loop.run_until_complete(run())
+    assert dataplane.VERSION == 2 and echo == (5, dataplane.OK, b"hello")
+    assert too_long[:2] == (6, dataplane.CODES["INVALID_ARGUMENT"]) and b"ping" in too_long[2]
+    assert ping_s is not None and 0 < ping_s < 1.0
+
+
 class OversizedReplies(StreamServer):
     """A device that answers every request with an envelope announcing 4 GiB, then stays silent."""
 

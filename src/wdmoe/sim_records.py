@@ -9,7 +9,7 @@ batching: the step's joint times, each row's own experts).
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,11 +63,13 @@ class StepRecord:
 @dataclass(frozen=True)
 class LayerRun:
     """One MoE layer of a forward as it ran: its snapshot, the forward's calls priced and settled,
-    and the experts skipped up front [E]."""
+    the experts skipped up front [E] and the software's own cost per message it was priced with
+    (s, scalar or [U]; None: not priced)."""
 
     snap: CellSnapshot
     priced: Priced
     skipped: BoolArray
+    overhead_s: Any = None
 
 
 def price_rows(
@@ -98,7 +100,9 @@ def price_rows(
                 lr.snap.true,
                 allocator,
                 v.device_tokens(np.where(lr.skipped, 0.0, sent[:, i])),
-                Calls(rule, lr.snap.true_up, late=lr.priced.late, down=lr.priced.down),
+                Calls(
+                    rule, lr.snap.true_up, late=lr.priced.late, down=lr.priced.down, overhead_s=lr.overhead_s
+                ),
             )
             for i, (v, lr) in enumerate(zip(views, layers, strict=True))
         ]

@@ -53,7 +53,9 @@ class SimSettings:
     ``deadline``: the runtime's rule for device calls (mode drop / wait / fallback, slack,
     grace); ``channel_moves``: price every layer on the channel of its own time (False: a forward
     on the snapshot of its start). ``split_rows``: account every row of a batched forward without
-    KV cache as its own request (see the module doc)."""
+    KV cache as its own request (see the module doc). ``software_overhead_ms``: the software's own
+    cost per device message, added to every busy device's t_u as the runtime adds its measured
+    one (:mod:`wdmoe.latency.overhead`; 0: not priced)."""
 
     allocator: str = "equal"
     csi_delay_blocks: int = 0
@@ -63,8 +65,10 @@ class SimSettings:
     split_rows: bool = False
     deadline: DeadlineRule = field(default_factory=DeadlineRule)
     channel_moves: bool = True
+    software_overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
+        check_range("sim.software_overhead_ms", self.software_overhead_ms, 0.0, 1e6)
         check_range("sim.csi_delay_blocks", self.csi_delay_blocks, 0, 1e6)
         check_range("sim.csi_error_std_db", self.csi_error_std_db, 0.0, 60.0)
         check_range("sim.trace_blocks", self.trace_blocks, 1, 1e8)
@@ -288,11 +292,14 @@ class Simulation:
         tokens, fwd.selected = fwd.selected, None
         assert tokens is not None, "every MoE block reports its selection (on_select) before dispatching"
         skipped = view.unreachable_experts()
-        calls = Calls(self.settings.deadline, snap.true_up)
+        overhead_ms = self.settings.software_overhead_ms
+        calls = Calls(
+            self.settings.deadline, snap.true_up, overhead_s=overhead_ms / 1e3 if overhead_ms else None
+        )
         priced = price_layer(
             view, snap.true, self.allocator, view.device_tokens(np.where(skipped, 0, tokens)), calls
         )
-        fwd.layers.append(LayerRun(snap, priced, skipped))
+        fwd.layers.append(LayerRun(snap, priced, skipped, calls.overhead_s))
         fwd.clock += float(priced.wait_s) + fwd.bs_s
         lost = skipped | priced.cut[view.placement]
         fallback = self.settings.deadline.mode == "fallback"

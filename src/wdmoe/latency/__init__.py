@@ -6,6 +6,8 @@
                 truth, view)
     pricing.py  price_layer / price_forward: one path that prices a layer and a forward, called by
                 the simulator, the BS and the latency study alike
+    overhead.py the software's own cost per message: samples and running estimate of what a real
+                call takes beyond its price (measured by the runtime, priced through pricing.py)
 
 The names of ``model.py`` are re-exported here; import the others from their modules (they read the
 scenario config, which itself imports the device classes of this package).

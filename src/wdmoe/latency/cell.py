@@ -53,13 +53,25 @@ class CellSnapshot:
 
     def per_token_s(self) -> FloatArray:
         """t_u(n = 1) [U] on the estimate: one token's time on each device at the equal split
-        (∞ where the BS sees the link down)."""
-        return self.view.device_time_s(np.ones(self.view.channel.num_devices))
+        (∞ where the BS sees the link down); computed once per snapshot (they are immutable)."""
+        cached: FloatArray | None = self.__dict__.get("_per_token_s")
+        if cached is None:
+            cached = self.view.device_time_s(np.ones(self.view.channel.num_devices))
+            cached.setflags(write=False)
+            object.__setattr__(self, "_per_token_s", cached)  # a cache, not a field: frozen stays true
+        return cached
 
     def placed(self, placement: Any) -> "CellSnapshot":
-        """The same snapshot with experts placed on devices ``placement`` [E]."""
-        view = replace(self.view, placement=np.asarray(placement, dtype=np.int64))
-        return replace(self, view=view)
+        """The same snapshot with experts placed on devices ``placement`` [E] (the last one asked
+        for is kept: a forward asks once per layer, mostly for the same placement)."""
+        key = tuple(int(u) for u in placement)
+        kept = self.__dict__.get("_placed")
+        if kept is None or kept[0] != key:
+            view = replace(self.view, placement=np.asarray(key, dtype=np.int64))
+            kept = (key, replace(self, view=view))
+            object.__setattr__(self, "_placed", kept)  # a cache, not a field
+        placed: CellSnapshot = kept[1]
+        return placed
 
 
 class Cell:

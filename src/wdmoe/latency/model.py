@@ -51,7 +51,7 @@ class ExpertCost:
     bits_per_element: int
     header_bits: int
     flops_per_token: float
-    overhead_s: float = 0.0
+    overhead_s: float | FloatArray = 0.0  # τ0; per device [U] with the software's own cost priced
 
     @classmethod
     def from_config(cls, scenario: "ScenarioConfig") -> "ExpertCost":

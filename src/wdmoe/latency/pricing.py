@@ -7,6 +7,8 @@ disagree. For device loads n [..., U] (one layer: [U]; a forward: [L, U]):
    allocation per distinct load (the layers of a decode step share a few patterns);
 2. at that split, t_u = DL + compute + UL on the *true* channel
    (:func:`wdmoe.latency.model.forward_latency`), ``expected_s`` t̂_u the same on the estimate;
+   with ``Calls.overhead_s`` the software's own cost per message ô_u [U] joins τ0 in the compute
+   of every busy device, for the split, t_u and t̂_u alike (:mod:`wdmoe.latency.overhead`);
 3. with a :class:`~wdmoe.latency.deadline.DeadlineRule` the calls are settled
    (:func:`~wdmoe.latency.deadline.settle`): each gets its budget from t̂_u, a call over a link
    truly in outage is lost at its budget, a late one cut there, and the layer waits
@@ -71,6 +73,9 @@ class Priced:
 def split_band(view: ExpertLatency, allocator: "Allocator", device_tokens: Any) -> FloatArray:
     """B [..., U]: the allocator's split for each layer's loads n [..., U], on the view's estimate."""
     tokens = np.asarray(device_tokens, dtype=np.float64)
+    if tokens.ndim == 1:  # one layer (as the BS prices while it runs): one allocation
+        demand = layer_demand(tokens, view.flops_per_s, view.cost)
+        return np.asarray(allocator.allocate(demand, view.channel).bandwidth_hz, dtype=np.float64)
     flat = tokens.reshape(-1, tokens.shape[-1])
     loads, inverse = np.unique(flat, axis=0, return_inverse=True)
     splits = np.stack(
@@ -85,15 +90,17 @@ def split_band(view: ExpertLatency, allocator: "Allocator", device_tokens: Any) 
 @dataclass(frozen=True)
 class Calls:
     """How device calls are settled: the deadline rule, the true link states [U] (None: all up),
-    the runtime's wall seconds per second of the cell (budgets are wall seconds) and, for a
-    request priced after the batch it travelled in, how the batch's calls were settled (late,
-    down [U]; :func:`~wdmoe.latency.deadline.settle`)."""
+    the runtime's wall seconds per second of the cell (budgets are wall seconds), for a request
+    priced after the batch it travelled in, how the batch's calls were settled (late, down [U];
+    :func:`~wdmoe.latency.deadline.settle`), and the software's own cost per message ô_u [U] (s of
+    the cell; None: not priced), added to every busy device's t_u (:mod:`~wdmoe.latency.overhead`)."""
 
     rule: DeadlineRule
     true_up: Any = None
     time_scale: float = 1.0
     late: Any = None
     down: Any = None
+    overhead_s: Any = None
 
 
 def price(
@@ -108,6 +115,9 @@ def price(
     """Loads n [..., U] priced on ``true`` at the split decided on ``view``, calls settled by
     ``calls`` (None: waited for however long they take) (module doc)."""
     tokens = np.asarray(device_tokens, dtype=np.float64)
+    if calls is not None and calls.overhead_s is not None:  # τ0 + ô_u: for the split, t_u and t̂_u
+        cost = replace(view.cost, overhead_s=view.cost.overhead_s + np.asarray(calls.overhead_s, dtype=float))
+        view = replace(view, cost=cost)
     band = split_band(view, allocator, tokens)
     rates = (true.dl.rate_bps(band), true.ul.rate_bps(band))
     latency = forward_latency(tokens, *rates, view.flops_per_s, view.cost, bs_s, head_s)

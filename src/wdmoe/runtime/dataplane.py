@@ -2,111 +2,52 @@
 
 gRPC stays for control (Register and heartbeats, health, Generate, Stats) and for devices that
 advertise no data address; expert calls travel here (``benchmarks/transport.py``: 0.30× gRPC
-unary's time). No maths, no decisions: bytes, deadlines, authentication; integers little-endian.
-
-    connection = [TLS handshake] handshake envelope*
-    handshake    device → BS   version u8 | device nonce (32 B)
-                 BS → device   version u8 | BS nonce (32 B) | HMAC-SHA256(token, "bs" | nonces)
-                 device → BS   status u8 | HMAC-SHA256(token, "device" | nonces)   (zeros: refused)
-    envelope     length u32 | call id u64 | status u8 | body        (length = 9 + len(body))
-      request    status 0; body = a wire frame or bundle (:mod:`wdmoe.runtime.wire`)
-      reply      status 0: body = the answer's frame or bundle; else a STATUS code: body = the reason
-
-The token proves itself both ways without travelling (checked with ``hmac.compare_digest``). A
-length is checked against the frame limit before its body is read: an oversized one is refused
-(RESOURCE_EXHAUSTED) and the connection closed. Calls are multiplexed by call id: a reply that
-comes after its call gave up is dropped. Refusals carry gRPC's status names: both planes book alike.
+unary's time), in the envelopes of :mod:`wdmoe.runtime.envelope` (handshake, PING, status codes).
+No maths, no decisions: bytes, deadlines, authentication. Calls are multiplexed by call id: a
+reply that comes after its call gave up is dropped.
 """
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import itertools
 import logging
 import os
 import queue
-import struct
+import statistics
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from wdmoe.errors import ConfigError, WdmoeError
+from wdmoe.errors import ConfigError
+from wdmoe.runtime.envelope import (
+    CODES,
+    ENVELOPE,
+    HANDSHAKE_TIMEOUT_S,
+    HEAD,
+    MAC_BYTES,
+    NONCE_BYTES,
+    OK,
+    PING,
+    PING_BYTES,
+    STATUS,
+    VERSION,
+    CallFailed,
+    ProtocolError,
+    Refused,
+    Reply,
+    Respond,
+    envelope,
+    mac,
+    new_event_loop,
+    read_envelope,
+)
 from wdmoe.runtime.security import TLSFiles, client_ssl_context, server_ssl_context
 from wdmoe.runtime.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("wdmoe.dataplane")
-
-VERSION = 1  # of the handshake and envelope; a device advertises it with its data address
-NONCE_BYTES = MAC_BYTES = 32
-HANDSHAKE_TIMEOUT_S = 5.0  # a device drops a peer that has not proved the token by then
-_ENVELOPE = struct.Struct("<IQB")  # length, call id, status
-_HEAD = _ENVELOPE.size - 4  # call id + status: what the length counts besides the body
-FRAME_LIMIT = _HEAD + MAX_MESSAGE_BYTES  # the largest length a peer may announce
-
-# Status codes of replies and of the handshake; names as gRPC's, so both planes book alike.
-_NAMES = "OK INVALID_ARGUMENT NOT_FOUND DEADLINE_EXCEEDED UNAUTHENTICATED RESOURCE_EXHAUSTED"
-STATUS = dict(enumerate([*_NAMES.split(), "FAILED_PRECONDITION", "INTERNAL"]))  # codes are the format
-CODES = {name: code for code, name in STATUS.items()}
-OK = CODES["OK"]
-Respond = Callable[[bytes, float], bytes]  # a request's body, its arrival (monotonic s) → the reply
-
-
-class Refused(WdmoeError):
-    """A request answered with a status instead of outputs; ``code`` is a name of STATUS."""
-
-    def __init__(self, code: str, message: str) -> None:
-        assert code in CODES and code != "OK", code
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-class CallFailed(WdmoeError):
-    """A call without an answer; ``code``: a device's refusal, UNAVAILABLE (no connection),
-    DEADLINE_EXCEEDED (no answer in time) or WIRE (the device broke the envelope)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
-
-
-class ProtocolError(WdmoeError):
-    """A peer broke the envelope (a length out of bounds): the connection ends; ``code``: the
-    refusal it earns, ``call_id``: whose envelope it was."""
-
-    def __init__(self, code: str, message: str, call_id: int) -> None:
-        super().__init__(message)
-        self.code, self.call_id = code, call_id
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop where uvloop is installed (its streams cost about half of asyncio's), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def mac(token: bytes, role: bytes, device_nonce: bytes, bs_nonce: bytes) -> bytes:
-    """HMAC-SHA256 over the role and both nonces: proves the token without sending it; the role
-    keeps one side's proof from being replayed as the other's."""
-    return hmac.new(token, role + device_nonce + bs_nonce, hashlib.sha256).digest()
-
-
-def envelope(call_id: int, status: int, body: bytes) -> bytes:
-    return _ENVELOPE.pack(_HEAD + len(body), call_id, status) + body  # one buffer: one syscall
-
-
-async def read_envelope(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
-    """(call id, status, body) of the next envelope; ProtocolError, before its body, when too long."""
-    length, call_id, status = _ENVELOPE.unpack(await reader.readexactly(_ENVELOPE.size))
-    if not _HEAD <= length <= FRAME_LIMIT:
-        code = "RESOURCE_EXHAUSTED" if length > FRAME_LIMIT else "INVALID_ARGUMENT"
-        why = f"an envelope length of {length} bytes is outside {_HEAD}..{FRAME_LIMIT} (the frame limit)"
-        raise ProtocolError(code, why, call_id)
-    return call_id, status, await reader.readexactly(length - _HEAD)
+PINGS = 3  # round trips timed when a connection opens (their median is kept)
 
 
 # --- the device's side --------------------------------------------------------------------------
@@ -134,9 +75,13 @@ class Connection:
 
 class StreamServer:
     """A device's data-plane server: ``asyncio.start_server`` on its own (uv)loop in a thread; each
-    request answered by ``respond(body, arrived_s)`` (or :class:`Refused`) in one compute thread fed
-    by a queue (half the cost of ``run_in_executor``), so the loop reads on while an expert runs.
-    ``port`` is bound once the constructor returns; ``stop`` closes every connection."""
+    request answered by ``respond(body, arrived_s)`` (or :class:`Refused`). While ``inline()`` says
+    so, on the loop itself, as soon as it is read: the BS sends one message per layer and waits for
+    its answer, so there is nothing to read meanwhile, and a thread hop there and back costs more
+    CPU than a one-token expert (``benchmarks/runtime.py``). Otherwise in one compute thread fed by
+    a queue, so that the loop reads on (and a connection can be cut) while a slow request runs —
+    the device asks for that while it injects delays. ``port`` is bound once the constructor
+    returns; ``stop`` closes every connection."""
 
     def __init__(
         self,
@@ -145,10 +90,11 @@ class StreamServer:
         host: str = "127.0.0.1",
         port: int = 0,
         tls: TLSFiles | None = None,
+        inline: Callable[[], bool] = lambda: False,
     ) -> None:
         if not token:
             raise ConfigError("the data plane needs a non-empty token (the BS proves it on connecting)")
-        self.respond, self.token = respond, token.encode()
+        self.respond, self.token, self.inline = respond, token.encode(), inline
         self.connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}  # by the task serving it
         self.jobs: queue.SimpleQueue[tuple[Connection, int, bytes, float] | None] = queue.SimpleQueue()
         self.loop = new_event_loop()
@@ -218,8 +164,13 @@ class StreamServer:
                 await conn.finished()
                 return
             conn.computing += 1
-            if status != OK:
-                conn.reply(call_id, "INVALID_ARGUMENT", f"a request has status 0, not {status}".encode())
+            if status == PING and len(body) <= PING_BYTES:
+                conn.reply(call_id, "OK", body)
+            elif status != OK:
+                why = f"a request has status 0 (a call) or {PING} (a ping of ≤ {PING_BYTES} B), not {status}"
+                conn.reply(call_id, "INVALID_ARGUMENT", why.encode())
+            elif self.inline():
+                conn.reply(call_id, *self.outcome(call_id, body, time.monotonic()))
             else:
                 self.jobs.put((conn, call_id, body, time.monotonic()))
             await conn.writer.drain()  # flow control: wait while the BS does not read its answers
@@ -283,10 +234,11 @@ class StreamClient:
         self.ssl = None if tls is None else client_ssl_context(tls)
         self.server_name = None if tls is None else tls.server_name or self.host
         self.ids = itertools.count(1)
-        self.pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self.pending: dict[int, Reply] = {}
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.connecting = asyncio.Lock()
+        self.ping_s: float | None = None  # the last connection's ping round trip (wall s)
 
     async def call(self, frame: bytes, timeout_s: float) -> bytes:
         """The device's answer to ``frame`` within ``timeout_s``, or CallFailed saying why not."""
@@ -304,22 +256,36 @@ class StreamClient:
         except (OSError, EOFError) as err:
             gone = f"cannot reach the device's data plane at {self.address}: {err!r}"
             raise CallFailed("UNAVAILABLE", gone) from err
-        if status != OK:
-            raise CallFailed(STATUS.get(status, f"STATUS_{status}"), body.decode(errors="replace"))
-        return body
+        return self.outcome(status, body)
 
     async def exchange(self, frame: bytes) -> tuple[int, bytes]:
         writer = await self.connected()
-        call_id = next(self.ids)
-        self.pending[call_id] = waiter = asyncio.get_running_loop().create_future()
+        call_id, waiter = self.send(writer, frame)
         try:
-            writer.writelines((_ENVELOPE.pack(_HEAD + len(frame), call_id, OK), frame))  # one writev
             await writer.drain()
             return await waiter
         finally:
-            self.pending.pop(call_id, None)
-            if waiter.done() and not waiter.cancelled():
-                waiter.exception()  # retrieved: a loss that also failed the write is no log noise
+            self.forget(call_id, waiter)
+
+    def send(self, writer: asyncio.StreamWriter, frame: bytes, status: int = OK) -> tuple[int, Reply]:
+        """Write one request (a call; ``PING``: an echo) now, on the loop, without awaiting; its
+        call id and the future of its (status, body)."""
+        call_id = next(self.ids)
+        self.pending[call_id] = waiter = asyncio.get_running_loop().create_future()
+        writer.writelines((ENVELOPE.pack(HEAD + len(frame), call_id, status), frame))  # one writev
+        return call_id, waiter
+
+    def forget(self, call_id: int, waiter: Reply) -> None:
+        """The call is over (answered, failed or given up): a late reply is dropped."""
+        self.pending.pop(call_id, None)
+        if waiter.done() and not waiter.cancelled():
+            waiter.exception()  # retrieved: a loss that also failed the write is no log noise
+
+    def outcome(self, status: int, body: bytes) -> bytes:
+        """The answer's body, or CallFailed with the device's refusal."""
+        if status != OK:
+            raise CallFailed(STATUS.get(status, f"STATUS_{status}"), body.decode(errors="replace"))
+        return body
 
     async def connected(self) -> asyncio.StreamWriter:
         """The authenticated connection, made now if there is none."""
@@ -338,7 +304,31 @@ class StreamClient:
                     raise
                 self.writer = writer
                 self.reader_task = asyncio.get_running_loop().create_task(self.read_replies(reader, writer))
+                self.ping_s = await self.ping(writer)
             return self.writer
+
+    async def ping(self, writer: asyncio.StreamWriter) -> float | None:
+        """The median wall seconds of PINGS echoes on a new connection: one message's round trip
+        through both sides' software, without compute (None when the device does not echo)."""
+        times = []
+        for n in range(PINGS):
+            start = time.perf_counter()
+            call_id, waiter = self.send(writer, n.to_bytes(8, "little"), PING)
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    self.outcome(*await waiter)
+            except CallFailed as err:
+                if err.code in ("WIRE", "UNAVAILABLE"):  # the connection is gone: so is the call
+                    raise
+                log.warning("the device at %s refuses pings: %s", self.address, err)
+                return None
+            except TimeoutError:
+                log.warning("the device at %s does not answer pings", self.address)
+                return None
+            finally:
+                self.forget(call_id, waiter)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
 
     async def handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The BS's side: prove the token, check the device's proof (CallFailed when refused)."""

@@ -283,7 +283,8 @@ def serve(
     worker.warm()
     server, bound = start_server(worker.handler(), token, host, port, tls, workers)
     try:
-        stream = StreamServer(worker.respond, token, host, data_port, tls)
+        inline = lambda: worker.delay_s == 0  # noqa: E731  (a delay runs off the loop: it stays responsive)
+        stream = StreamServer(worker.respond, token, host, data_port, tls, inline)
     except BaseException:
         server.stop(None).wait()
         raise

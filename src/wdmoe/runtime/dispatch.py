@@ -101,12 +101,16 @@ class DeviceDispatcher:
         for u, group in calls.items():
             tokens[u] = sum(len(c.hidden) for c in group)
         s, snap = self.settings, fwd.snap
-        calls_rule = Calls(s.deadline, snap.true_up, s.time_scale)
+        overhead = np.array(self.registry.overheads_s()) if s.software_overhead == "measured" else None
+        calls_rule = Calls(s.deadline, snap.true_up, s.time_scale, overhead_s=overhead)
         priced = price_layer(snap.view, snap.true, self.allocator, tokens, calls_rule)
         fwd.layers.append(priced)
         budget = s.time_scale * priced.budget_s  # wall seconds: DeadlineRule.budgets_s
         dl, ul = self.link_delays(calls, fwd, priced)
         self.links.fan_out(calls, dl, ul, budget)
+        modelled = priced.latency.devices.total_s - (0.0 if overhead is None else overhead)  # without ô
+        span = (start, time.monotonic())
+        self.registry.note_overheads(*self.links.overhead_samples(calls, modelled, s.time_scale, span))
         retries = self.fail_over(layer, fwd, calls, budget)
         measured = (time.monotonic() - start) / self.settings.time_scale
         return self.finish(layer, fwd, calls, retries, lost, priced.latency.devices, measured)

@@ -5,10 +5,17 @@ uplink delays. A call travels on the device's data plane — one persistent conn
 say ``stream``; else as a gRPC RunExpert call on one grpc.aio channel per device. Both planes end
 in the same outcome codes (UNAVAILABLE, DEADLINE_EXCEEDED, the device's refusals, WIRE). No
 decisions here: the dispatcher says whom to call with what, and how long each call may take.
+
+A layer costs the loop as little as it can (``benchmarks/runtime.py``): frames are encoded and
+answers decoded in the caller's thread, the loop is entered once per layer, and a message over a
+live connection without emulated delays is written at once and cut by a timer (no task, no
+``asyncio.timeout``); the rest go through :meth:`Links.device_job`. Each answered message's wall
+time is kept for the software's own cost per message (:meth:`Links.overhead_samples`).
 """
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 from collections.abc import Coroutine
@@ -20,7 +27,8 @@ import grpc
 import numpy as np
 import torch
 
-from wdmoe.runtime.dataplane import CallFailed, StreamClient, new_event_loop
+from wdmoe.latency.overhead import overhead_samples_s
+from wdmoe.runtime.dataplane import CallFailed, Reply, StreamClient, new_event_loop
 from wdmoe.runtime.device import RUN_EXPERT
 from wdmoe.runtime.placement import DeviceEntry
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
@@ -51,6 +59,28 @@ class Call:
     code: str = ""
     message: str = ""
     compute_s: float = 0.0
+    answered_s: float = math.nan  # time.monotonic() when its message's answer was in
+
+
+@dataclass
+class Message:
+    """One device's calls of a layer as one message: the calls, their requests, the frame (a frame
+    or a bundle of frames), the emulated link delays and the budget (wall s), and what became of
+    it: the reply, or the code and message of why there is none."""
+
+    group: list[Call]
+    requests: list[ExpertRequest]
+    frame: bytes
+    dl_s: float = 0.0
+    ul_s: float = 0.0
+    budget_s: float = 1.0
+    reply: bytes | None = None
+    error: tuple[str, str] = ("", "")
+    sent_s: float = math.nan  # time.monotonic(): sent, answered (emulated links included)
+    answered_s: float = math.nan
+
+    def answered(self, now_s: float) -> None:
+        self.answered_s = now_s
 
 
 def inputs_of(calls: dict[int, list[Call]]) -> list[Call]:
@@ -82,6 +112,7 @@ class Links:
         # by device address, used on self.loop only: grpc.aio channels, data-plane connections
         self.channels: dict[str, Any] = {}
         self.streams: dict[str, StreamClient] = {}
+        self.closing: set[asyncio.Task[None]] = set()
         self.loop = new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="bs-links", daemon=True).start()
 
@@ -92,60 +123,115 @@ class Links:
     def fan_out(
         self, calls: dict[int, list[Call]], dl: np.ndarray, ul: np.ndarray, budget: np.ndarray
     ) -> None:
-        """Every device's calls at once; returns when all are answered or late (seconds [U])."""
-        jobs = [self.device_job(g, float(dl[u]), float(ul[u]), float(budget[u])) for u, g in calls.items()]
-        if jobs:
-            self.submit(gather(jobs)).result()
+        """Every device's calls at once; returns when all are answered or late (seconds [U]). The
+        frames are encoded and the answers decoded here, in the caller's thread: the link loop only
+        moves bytes, and is entered once per layer."""
+        messages = [self.message(g, float(dl[u]), float(ul[u]), float(budget[u])) for u, g in calls.items()]
+        if messages:
+            self.submit(self.exchange(messages)).result()
+        for m in messages:
+            self.settle(m)
 
-    async def device_job(self, group: list[Call], dl_s: float, ul_s: float, budget_s: float) -> None:
-        """One device's calls through its (emulated) link: downlink delay, the calls, uplink delay —
-        never past ``budget_s`` from now (a late answer is a miss, as on a real link)."""
-        deadline = self.loop.time() + budget_s
-        try:
-            async with asyncio.timeout(budget_s):
-                if dl_s > 0:
-                    await asyncio.sleep(dl_s)
-                await self.call(group, deadline - self.loop.time())
-                if ul_s > 0 and any(c.outputs is not None for c in group):
-                    await asyncio.sleep(ul_s)
-        except TimeoutError:
-            late = "the device's link or answer ended past the deadline"
-            for c in group:
-                if c.outputs is not None or not c.code:
-                    c.outputs, c.code, c.message = None, "DEADLINE_EXCEEDED", late
-
-    async def call(self, group: list[Call], timeout_s: float) -> None:
-        """One device's experts in one message (a bundle when there are several); the outcome is
-        written into each call (never raises for the device)."""
-        timeout_s = max(timeout_s, 1e-3)
+    def message(
+        self, group: list[Call], dl_s: float = 0.0, ul_s: float = 0.0, budget_s: float = 1.0
+    ) -> Message:
+        """One device's experts in one message (a bundle when there are several); each frame's own
+        deadline is what is left of the budget once the downlink has carried it."""
+        timeout_s = max(budget_s - dl_s, 1e-3)
         reqs = [
             ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
             for c in group
         ]
         frame = encode(reqs[0]) if len(reqs) == 1 else encode_bundle(list(reqs))
+        return Message(group, reqs, frame, dl_s, ul_s, budget_s)
+
+    async def exchange(self, messages: list[Message]) -> None:
+        """On the loop: every message on its way at once, back when each is answered or past its
+        budget. A message over a live data-plane connection without emulated delays is written
+        straight away and cut by a timer; any other (a link to emulate, gRPC, a connection to make)
+        travels in a task of its own (:meth:`device_job`)."""
+        loop = self.loop
+        direct: list[tuple[Message, StreamClient, int, Reply, asyncio.TimerHandle]] = []
+        tasks = []
+        for m in messages:
+            client = self.stream_client(m.group[0].device)
+            writer = client.writer if client is not None and not (m.dl_s or m.ul_s) else None
+            if client is None or writer is None or writer.is_closing():
+                tasks.append(loop.create_task(self.device_job(m)))
+                continue
+            m.sent_s = time.monotonic()
+            call_id, reply = client.send(writer, m.frame)
+            reply.add_done_callback(lambda _, m=m: m.answered(time.monotonic()))  # type: ignore[misc]
+            late = CallFailed("DEADLINE_EXCEEDED", f"no answer within {m.budget_s:.3f} s")
+            timer = loop.call_at(loop.time() + m.budget_s, cut, reply, late)
+            direct.append((m, client, call_id, reply, timer))
+        for m, client, call_id, reply, timer in direct:
+            try:
+                m.reply = client.outcome(*await reply)
+            except CallFailed as err:
+                m.error = (err.code, err.message)
+            finally:
+                timer.cancel()
+                client.forget(call_id, reply)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def device_job(self, m: Message) -> None:
+        """One device's message through its (emulated) link: downlink delay, the call, uplink delay —
+        never past its budget from now (a late answer is a miss, as on a real link)."""
+        m.sent_s = time.monotonic()
+        deadline = self.loop.time() + m.budget_s
         try:
-            reply = await self.send(group[0].device, frame, timeout_s)
-            responses, _ = decode_all(reply)
+            async with asyncio.timeout(m.budget_s):
+                if m.dl_s > 0:
+                    await asyncio.sleep(m.dl_s)
+                await self.transfer(m, deadline - self.loop.time())
+                if m.ul_s > 0 and m.reply is not None:
+                    await asyncio.sleep(m.ul_s)
+                m.answered(time.monotonic())
+        except TimeoutError:
+            if m.reply is not None or not m.error[0]:
+                late = "the device's link or answer ended past the deadline"
+                m.reply, m.error = None, ("DEADLINE_EXCEEDED", late)
+
+    async def transfer(self, m: Message, timeout_s: float) -> None:
+        """The call carrying ``m``: its reply, or the code and message of why there is none."""
+        try:
+            m.reply = await self.send(m.group[0].device, m.frame, max(timeout_s, 1e-3))
         except CallFailed as err:
-            for c in group:
-                c.code, c.message = err.code, err.message
-            return
+            m.error = (err.code, err.message)
         except grpc.RpcError as err:  # grpc.aio.AioRpcError
-            for c in group:
-                c.code, c.message = err.code().name, str(err.details())
+            m.error = (err.code().name, str(err.details()))
+
+    async def call(self, group: list[Call], timeout_s: float) -> None:
+        """One device's experts in one message, without link emulation; the outcome is written into
+        each call (never raises for the device)."""
+        m = self.message(group, budget_s=max(timeout_s, 1e-3))
+        await self.transfer(m, m.budget_s)
+        self.settle(m)
+
+    @staticmethod
+    def settle(m: Message) -> None:
+        """Write each call's outcome: its outputs, or the code and message of why there are none."""
+        if m.reply is None:
+            for c in m.group:
+                c.code, c.message = m.error
             return
+        try:
+            responses, _ = decode_all(m.reply)
         except WireError as err:
-            for c in group:
+            for c in m.group:
                 c.code, c.message = "WIRE", f"malformed answer: {err}"
             return
         by_id = {r.request_id: r for r in responses if isinstance(r, ExpertResponse)}
-        for c, req in zip(group, reqs, strict=True):
+        for c, req in zip(m.group, m.requests, strict=True):
             resp = by_id.get(req.request_id)
             code, problem = answer_problem(resp, c.hidden)
             if resp is None or code:
                 c.code, c.message = code, problem
             else:
                 c.outputs, c.compute_s = resp.outputs.to(c.hidden.dtype), resp.compute_s
+                c.answered_s = m.answered_s
 
     def message_bytes(self, group: list[Call], kind: int) -> int:
         """Bytes of the message carrying ``group`` (a frame, or a bundle of frames)."""
@@ -155,16 +241,50 @@ class Links:
     async def send(self, device: DeviceEntry, frame: bytes, timeout_s: float) -> bytes:
         """The device's reply to ``frame``: on its data plane when it has one and ours is ``stream``,
         else by gRPC RunExpert (CallFailed / grpc.RpcError when there is none in time)."""
-        if not device.data_address or self.data_plane != "stream":
+        client = self.stream_client(device)
+        if client is None:
             reply: bytes = await self.stub(device.address)(frame, timeout=timeout_s, metadata=self.metadata)
             return reply
-        client = self.streams.get(device.address)
-        if client is None or client.address != device.data_address:  # new, or moved to another port
-            self.streams[device.address] = StreamClient(device.data_address, self.token, self.tls)
-            if client is not None:
-                await client.close()
-            client = self.streams[device.address]
         return await client.call(frame, timeout_s)
+
+    def stream_client(self, device: DeviceEntry) -> StreamClient | None:
+        """On the link loop: the device's data-plane client (made when new, or when the device moved
+        to another port: the old one is closed), or None when it is called over gRPC."""
+        if not device.data_address or self.data_plane != "stream":
+            return None
+        client = self.streams.get(device.address)
+        if client is None or client.address != device.data_address:
+            self.streams[device.address] = StreamClient(device.data_address, self.token, self.tls)
+            if client is not None:  # closed in the background (a task kept until it is done)
+                closing = self.loop.create_task(client.close())
+                self.closing.add(closing)
+                closing.add_done_callback(self.closing.discard)
+        return self.streams[device.address]
+
+    def overhead_samples(
+        self,
+        calls: dict[int, list[Call]],
+        modelled_s: np.ndarray,
+        time_scale: float,
+        span: tuple[float, float],
+    ) -> tuple[np.ndarray, dict[int, float]]:
+        """What each device's message of a layer took beyond its price ``modelled_s`` [U] (s of the
+        cell; NaN: no answer) — seen from the layer, whose ``span`` (monotonic s) ran from its start
+        to its answers decoded: w_u = (its answer − the start) + (the end − the last answer), so the
+        BS's own work before the calls and after the last answer counts too — and the ping round
+        trip of each device on a data-plane connection (s of the cell; :mod:`wdmoe.latency.overhead`)."""
+        answered = {u: g[0].answered_s for u, g in calls.items() if all(c.outputs is not None for c in g)}
+        wall_s = np.full(len(modelled_s), np.nan)
+        if answered:
+            tail_s = span[1] - max(answered.values())
+            for u, at_s in answered.items():
+                wall_s[u] = at_s - span[0] + tail_s
+        pings: dict[int, float] = {}
+        for u, group in calls.items():
+            client = self.streams.get(group[0].device.address)
+            if client is not None and client.ping_s is not None:
+                pings[u] = client.ping_s / time_scale
+        return overhead_samples_s(wall_s, modelled_s, time_scale), pings
 
     def stub(self, address: str) -> Any:
         """RunExpert on ``address`` (on the link loop; one channel per device, reused)."""
@@ -212,5 +332,7 @@ class Links:
             await stream.close()
 
 
-async def gather(jobs: list[Any]) -> None:
-    await asyncio.gather(*jobs)
+def cut(reply: Reply, late: CallFailed) -> None:
+    """A direct call's timer: the call fails DEADLINE_EXCEEDED unless its reply came first."""
+    if not reply.done():
+        reply.set_exception(late)

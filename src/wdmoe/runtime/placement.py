@@ -15,16 +15,20 @@ device that keeps failing its calls (``bench_after`` in a row, typically deadlin
 *benched*: unusable for a back-off (``bench_s``, doubling on each bench in a row up to
 ``bench_max_s``) so that no request waits out its deadlines; after the back-off the BS probes it
 (``due_probes``) and ``probe_result`` readmits it or benches it again.
+
+Each device also carries ô, the running estimate of what its messages take beyond their price
+(the software's own cost, :mod:`wdmoe.latency.overhead`): kept here, measured by the links.
 """
 
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from wdmoe.errors import WdmoeError
+from wdmoe.latency.overhead import running_estimate_s
 from wdmoe.types import ExpertKey
 
 
@@ -47,6 +51,7 @@ class DeviceEntry:
     benched_until: float | None = None  # benched: not used; probed once this time has passed
     probing: bool = False
     data_address: str = ""  # where its data plane listens; "": call it over gRPC
+    overhead_s: float | None = None  # ô: its messages' running cost beyond their price (s of the cell)
 
     @property
     def benched(self) -> bool:
@@ -76,6 +81,27 @@ class DeviceRegistry:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.version = 0  # bumped by every change that can change who is usable (see epoch)
+        self.kept_slots: tuple[Any, int, tuple[int, ...]] | None = None  # expert_slots' last answer
+
+    def changed(self) -> None:
+        """Under the lock: something changed who is usable."""
+        self.version += 1
+
+    def epoch(self) -> tuple[int, float]:
+        """(version, until): who is usable stays the same while the version does and the clock is
+        before ``until`` (the first lapse of a heartbeat, or a static entry's retry, to come). What
+        is derived from it (the policy's placement) may be kept that long."""
+        with self.lock:
+            until = math.inf
+            for d in self.devices.values():
+                if d.benched:
+                    continue
+                if d.down_since is None and not d.static:
+                    until = min(until, d.last_seen + 3 * self.heartbeat_s)
+                elif d.down_since is not None and d.static:
+                    until = min(until, d.down_since + self.retry_s)
+            return self.version, until
 
     def register(
         self,
@@ -108,9 +134,12 @@ class DeviceRegistry:
                     old.strikes = old.benches = 0
                     old.benched_until, old.probing = None, False
                 old.registrations += 1
+                if came_up:
+                    self.changed()
                 return old, came_up
             entry = DeviceEntry(slot, address, keys, name, now, static, data_address=data_address)
             self.devices[slot] = entry
+            self.changed()
             return entry, True
 
     def usable(self, entry: DeviceEntry, now: float | None = None) -> bool:
@@ -128,6 +157,7 @@ class DeviceRegistry:
             for entry in self.devices.values():
                 if entry.address == address and entry.down_since is None:
                     entry.down_since = now
+                    self.changed()
                     return True
         return False
 
@@ -141,6 +171,8 @@ class DeviceRegistry:
                 if not entry.static and entry.down_since is None and late:
                     entry.down_since = now
                     gone.append(entry)
+            if gone:
+                self.changed()
         return gone
 
     def record(self, slot: int, answered: bool) -> bool:
@@ -161,6 +193,7 @@ class DeviceRegistry:
             return True
 
     def _bench(self, entry: DeviceEntry, now: float) -> None:
+        self.changed()
         entry.benches += 1
         entry.benched_until = now + self.backoff_s(entry)
         entry.probing = False
@@ -191,6 +224,7 @@ class DeviceRegistry:
             if answered:
                 entry.benched_until, entry.probing, entry.strikes = None, False, 0
                 entry.last_seen = max(entry.last_seen, self.clock())
+                self.changed()
                 return True
             self._bench(entry, self.clock())
             return False
@@ -213,7 +247,17 @@ class DeviceRegistry:
 
     def expert_slots(self, per_token_s: Any) -> list[int]:
         """For the policy's view (one device per expert): per expert e, the best usable slot hosting
-        e in any layer, else any slot hosting it, else e mod U."""
+        e in any layer, else any slot hosting it, else e mod U. Asked once per layer with the same
+        times (one cell snapshot's) the answer is kept while who is usable stays the same (epoch)."""
+        version, until = self.epoch()
+        kept = self.kept_slots
+        if kept is not None and kept[0] is per_token_s and kept[1] == version and self.clock() < until:
+            return list(kept[2])
+        slots = self._expert_slots(per_token_s)
+        self.kept_slots = (per_token_s, version, tuple(slots))
+        return slots
+
+    def _expert_slots(self, per_token_s: Any) -> list[int]:
         now = self.clock()
         slots = []
         for e in range(self.num_experts):
@@ -223,6 +267,25 @@ class DeviceRegistry:
             best = min(pool, key=lambda d: (per_token_s[d.slot], d.slot)) if pool else None
             slots.append(best.slot if best else e % self.num_slots)
         return slots
+
+    def overheads_s(self) -> list[float]:
+        """ô_u [U]: each slot's running estimate of the software's own cost per message (s of the
+        cell; 0 while unmeasured or without a device)."""
+        with self.lock:
+            entries = [self.devices.get(u) for u in range(self.num_slots)]
+        return [(e.overhead_s or 0.0) if e is not None else 0.0 for e in entries]
+
+    def note_overheads(self, samples_s: Iterable[float], pings_s: Mapping[int, float]) -> None:
+        """Fold each slot's sample o_u (s of the cell; NaN: none) into its estimate, which starts at
+        its ping round trip when there is one (:func:`~wdmoe.latency.overhead.running_estimate_s`)."""
+        with self.lock:
+            for slot, sample in enumerate(samples_s):
+                entry = self.devices.get(slot)
+                if entry is None or math.isnan(sample):
+                    continue
+                if entry.overhead_s is None and slot in pings_s:
+                    entry.overhead_s = running_estimate_s(None, pings_s[slot])
+                entry.overhead_s = running_estimate_s(entry.overhead_s, sample)
 
     def missing(self) -> list[ExpertKey]:
         """(layer, expert) pairs no registered device hosts."""

@@ -31,7 +31,10 @@ class RuntimeSettings:
     that may wait for a turn beyond those (more are refused with RESOURCE_EXHAUSTED). data_plane:
     how expert calls travel to a device that advertises a data plane (``stream``: one persistent
     connection per device, :mod:`~wdmoe.runtime.dataplane`; ``grpc``: a RunExpert call each, as
-    devices without one are always called).
+    devices without one are always called). software_overhead: ``measured``: the prediction the
+    BS records (and each call's budget) adds each busy device's running estimate of what its
+    messages cost beyond the latency model (:mod:`wdmoe.latency.overhead`); ``none``: not priced
+    (it is still measured).
     """
 
     policy: str = "topk"
@@ -54,10 +57,12 @@ class RuntimeSettings:
     csi_error_std_db: float = 0.0
     trace_blocks: int = 20000
     data_plane: str = "stream"
+    software_overhead: str = "none"
 
     def __post_init__(self) -> None:
         DeadlineRule(self.mode, self.slack, self.grace_s, self.max_wait_s)  # validates them
         check_choice("data_plane", self.data_plane, list(DATA_PLANES))
+        check_choice("software_overhead", self.software_overhead, ["none", "measured"])
         check_choice("wire_dtype", self.wire_dtype, sorted(WIRE_DTYPES))
         check_range("time_scale", self.time_scale, 0.0, 1e6, lo_open=True)
         check_range("heartbeat_s", self.heartbeat_s, 0.01, 3600.0)
