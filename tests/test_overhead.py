@@ -95,3 +95,41 @@ def test_the_bs_measures_each_device_from_its_ping_on(lab_factory):
     assert priced is not None  # "none": measured, not priced — compute + τ0 only
     unpriced = view.cost.fixed_s(priced.device_tokens, view.flops_per_s)
     np.testing.assert_allclose(priced.latency.devices.compute_s, unpriced, rtol=1e-12)
+
+
+def test_the_bs_own_cost_is_kept_per_kind_of_forward_and_read_before_it_is_noted():
+    from wdmoe.latency.overhead import bs_own_sample_s
+    from wdmoe.runtime.own_cost import OwnCost
+
+    assert bs_own_sample_s(0.5, 0.3, 0.05) == pytest.approx(0.15)
+    assert bs_own_sample_s(0.5, 0.6, 0.0) == 0.0  # a cost, never a credit
+    own = OwnCost()
+    assert own.estimate_s(1, 1, decode=True) == 0.0  # nothing measured yet
+    own.note(1, 1, True, 0.04)
+    own.note(4, 1, True, 0.10)
+    own.note(1, 20, False, 0.40)  # a prefill of 20 tokens: 20 ms a token
+    assert own.estimate_s(1, 1, True) == pytest.approx(0.04)
+    assert own.estimate_s(3, 1, True) == pytest.approx(0.10)  # the nearest batch size seen
+    assert own.estimate_s(1, 10, False) == pytest.approx(0.20)
+    own.note(1, 1, True, 0.14)
+    assert own.estimate_s(1, 1, True) == pytest.approx(0.9 * 0.04 + 0.1 * 0.14)  # α = 0.1
+
+
+def test_a_bs_pricing_its_software_adds_its_own_cost_to_each_forwards_prediction(lab_factory):
+    from wdmoe.runtime import api
+
+    lab = lab_factory(devices=4, settings=RuntimeSettings(software_overhead="measured", grace_s=5.0))
+    records, end_forward = [], lab.bs.end_forward
+
+    def keep(fwd, new_tokens):
+        end_forward(fwd, new_tokens)
+        records.append(fwd.requests[0].forwards[-1])
+
+    lab.bs.end_forward = keep
+    for _ in range(2):
+        lab.bs.generate(api.GenerateRequest("the router sends", max_new_tokens=5, chat=False), lambda _: None)
+    assert lab.bs.own_cost.decode_s and lab.bs.own_cost.prefill_token_s is not None
+    assert records[0]["bs_own_s"] == 0.0  # the first forward: nothing measured before it
+    later = records[5:]  # the second request: every forward has earlier ones of its kind
+    assert all(r["bs_own_s"] > 0 for r in later)
+    assert all(r["predicted_s"] >= r["moe_predicted_s"] + r["bs_own_s"] for r in later)

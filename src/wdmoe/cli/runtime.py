@@ -3,6 +3,7 @@ runtime lives in wdmoe.runtime)."""
 
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,7 @@ from wdmoe.cli.common import (
     stream_to_stdout,
     table_console,
 )
+from wdmoe.cli.dashboard import DashboardOpt
 from wdmoe.errors import ConfigError, WdmoeError
 
 TokenOpt = Annotated[
@@ -36,6 +38,15 @@ DataPlaneOpt = Annotated[
     typer.Option(
         help="How expert calls travel: stream (one persistent connection per device) or grpc "
         "(a RunExpert call each)."
+    ),
+]
+
+SoftwareOpt = Annotated[
+    str,
+    typer.Option(
+        help="measured: the prediction the BS records adds the software's own cost (each device's "
+        "per-message overhead from pings and answers, the BS's own compute per forward); none: the "
+        "latency model alone."
     ),
 ]
 
@@ -91,14 +102,17 @@ def serve_bs_cmd(
     ] = 256,
     seed: Annotated[int | None, typer.Option(help="Channel trace seed (default: the scenario's).")] = None,
     data_plane: DataPlaneOpt = "stream",
+    software_overhead: SoftwareOpt = "none",
     metrics_log: Annotated[
         Path | None, typer.Option(help="Append JSON lines: devices up/down, requests, summary.")
     ] = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
     tls_ca: TlsCa = None,
+    dashboard: DashboardOpt = None,
 ) -> None:
     """Run the BS: the model's BS part, the cell, and a generate API for users; devices register here."""
+    from wdmoe.dashboard.http import parse_address
     from wdmoe.runtime.bs import build_bs
     from wdmoe.runtime.security import TLSFiles
     from wdmoe.runtime.server import freeze_heap
@@ -107,6 +121,7 @@ def serve_bs_cmd(
     quiet_transformers()
     try:
         check_port(port)
+        page = parse_address(dashboard) if dashboard else None
         secret = resolve_token(token)
         tls = TLSFiles.from_options(tls_cert, tls_key, tls_ca)
         settings = settings_from(
@@ -127,11 +142,12 @@ def serve_bs_cmd(
             max_queue=max_queue,
             seed=seed,
             data_plane=data_plane,
+            software_overhead=software_overhead,
         )
         bs = build_bs(
             model, scenario, set_ or [], settings, token=secret, top_k=top_k, tls=tls, metrics_log=metrics_log
         )
-        server = serve_bs(bs, secret, host, port)
+        server = serve_bs(bs, secret, host, port, dashboard=page)
     except (WdmoeError, OSError) as e:
         raise fail(e) from e
     freeze_heap()
@@ -142,6 +158,8 @@ def serve_bs_cmd(
         + (" · links emulated" if emulate_links else "")
         + f" · data plane {data_plane}"
     )
+    if server.dashboard is not None:
+        err.print(f"dashboard and /metrics at {server.dashboard.url} (controls take the BS's token)")
     try:
         server.wait_for_termination()
     except KeyboardInterrupt:
@@ -239,9 +257,12 @@ def cluster_cmd(
     emulate_links: Annotated[bool, typer.Option(help="Wait out the channel's DL/UL delays.")] = False,
     time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second.")] = 1.0,
     data_plane: DataPlaneOpt = "stream",
+    software_overhead: SoftwareOpt = "none",
     metrics_log: Annotated[Path | None, typer.Option(help="The BS's JSON-lines metrics log.")] = None,
+    dashboard: DashboardOpt = None,
 ) -> None:
-    """Start a BS and N device workers on this machine, answer the prompt through them, summarise, stop."""
+    """Start a BS and N device workers on this machine, answer the prompt through them, summarise,
+    stop (with --dashboard: stay up, serving the page, until Ctrl-C)."""
     from wdmoe.runtime import api
     from wdmoe.runtime.cluster import Cluster
 
@@ -254,6 +275,7 @@ def cluster_cmd(
             "mode": mode,
             "emulate_links": emulate_links,
             "time_scale": time_scale,
+            "software_overhead": software_overhead,
         }
         settings = settings_from(policy, param or [], data_plane=data_plane, **fields)
         with Cluster(
@@ -265,14 +287,19 @@ def cluster_cmd(
             replicas=replicas,
             bs_in_process=False,
             metrics_log=metrics_log,
+            dashboard=dashboard,
         ) as cluster:
             ready = ", ".join(d.address for d in cluster.devices)
             err.print(f"[dim]BS {cluster.bs_address} · {devices} device workers registered: {ready}[/]")
+            if dashboard:
+                err.print(f"dashboard at http://{dashboard}/ · its controls' token: {cluster.token}")
             metrics = cluster.client.generate(
                 api.GenerateRequest(prompt, max_new_tokens=max_new_tokens), stream_to_stdout
             )
             sys.stdout.write("\n")
             summary = cluster.stats()
+            if dashboard:
+                stay_up(cluster)
     except WdmoeError as e:
         raise fail(e) from e
     err.print(
@@ -283,3 +310,14 @@ def cluster_cmd(
     print_summary(summary)
     if not answer_was_served(metrics):
         raise typer.Exit(code=1)
+
+
+def stay_up(cluster: Any) -> None:
+    """Keep a cluster (and its dashboard) up until Ctrl-C; further users may send requests."""
+    err.print("[dim]the cluster stays up for its dashboard; Ctrl-C ends it[/]")
+    stop_on_signals()
+    try:
+        while cluster.bs_process is None or cluster.bs_process.poll() is None:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass

@@ -17,6 +17,11 @@ round trip of a ping at connection. Priced with it (:class:`~wdmoe.latency.prici
 ``overhead_s`` [U]), every device with work takes t_u + ô_u, in its expected time (so in its call
 budget) as in its true time, and T_l = max over busy devices includes it. The simulator prices a
 fixed ô (``SimSettings.software_overhead_ms``, the same for every device) by the same rule.
+
+The BS's own compute on its host (attention, routers, LM head, the policy, combining) is the
+other part of the software's cost: per forward, b = forward − Σ layers' dispatch − modelled BS
+compute (:func:`bs_own_sample_s`), kept as running estimates by the kind of forward (a decode step
+of R rows; a prefill, per token) and added to the forward's prediction.
 """
 
 from typing import Any
@@ -41,3 +46,10 @@ def running_estimate_s(estimate_s: float | None, sample_s: float, weight: float 
     if estimate_s is None:
         return float(sample_s)
     return float((1.0 - weight) * estimate_s + weight * sample_s)
+
+
+def bs_own_sample_s(forward_s: float, layers_s: float, modelled_bs_s: float) -> float:
+    """The BS's own cost of one forward beyond the model (s of the cell): its measured time minus
+    the time inside its MoE layers' dispatch (priced per device above) minus the BS compute the
+    model prices (attention, router, LM head at ``bs_flops_per_s``); clipped at 0."""
+    return max(float(forward_s) - float(layers_s) - float(modelled_bs_s), 0.0)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
 from wdmoe.config import load_scenario
+from wdmoe.dashboard.http import parse_address
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import load_checkpoint  # checks a folder before any process starts
@@ -109,6 +110,7 @@ def settings_args(s: RuntimeSettings) -> list[str]:
     args += ["--bench-after", str(s.bench_after), "--bench-s", str(s.bench_s)]
     args += ["--max-active", str(s.max_active), "--max-queue", str(s.max_queue)]
     args += ["--emulate-links" if s.emulate_links else "--no-emulate-links", "--data-plane", s.data_plane]
+    args += ["--software-overhead", s.software_overhead]
     for key, value in s.params.items():
         args += ["--param", f"{key}={value}"]
     return args
@@ -131,6 +133,7 @@ class Cluster:
         top_k: int | None = None,
         metrics_log: Path | None = None,
         ready_s: float = 180.0,
+        dashboard: str | None = None,
     ) -> None:
         if devices < 1:
             raise ConfigError(f"--devices must be ≥ 1, got {devices}")
@@ -143,6 +146,7 @@ class Cluster:
         self.delays_ms = delays_ms or {}
         self.bs_in_process, self.top_k = bs_in_process, top_k
         self.metrics_log, self.ready_s = metrics_log, ready_s
+        self.dashboard = dashboard  # HOST:PORT of the BS's dashboard and /metrics, or None
         self.token = secrets.token_hex(16)
         self.devices: list[DeviceProcess] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -191,7 +195,8 @@ class Cluster:
             self.bs = BaseStation(
                 wm, self.tok, scenario, self.settings, token=self.token, metrics_log=self.metrics_log
             )
-            self.server = serve_bs(self.bs, self.token)
+            page = parse_address(self.dashboard) if self.dashboard else None
+            self.server = serve_bs(self.bs, self.token, dashboard=page)
             self.bs_address = self.server.address
         else:
             del net, wm
@@ -212,6 +217,8 @@ class Cluster:
             cmd += ["--top-k", str(self.top_k)]
         if self.metrics_log is not None:
             cmd += ["--metrics-log", str(self.metrics_log)]
+        if self.dashboard is not None:
+            cmd += ["--dashboard", self.dashboard]
         self.bs_log = folder / "bs.log"
         with open(self.bs_log, "wb") as log:
             env = os.environ | {"WDMOE_TOKEN": self.token}

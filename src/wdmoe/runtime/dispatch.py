@@ -57,6 +57,7 @@ class Forward:
     layers: list[Priced] = field(default_factory=list)
     row_tokens: int = 1
     selection: tuple[torch.Tensor, torch.Tensor] | None = None
+    layers_s: float = 0.0  # s of the cell spent inside its MoE layers' dispatch
 
     def requests_of(self, expert: int) -> list[RequestStats]:
         """The requests whose tokens a call of ``expert`` carries in the current layer."""
@@ -113,6 +114,7 @@ class DeviceDispatcher:
         self.registry.note_overheads(*self.links.overhead_samples(calls, modelled, s.time_scale, span))
         retries = self.fail_over(layer, fwd, calls, budget)
         measured = (time.monotonic() - start) / self.settings.time_scale
+        fwd.layers_s += measured
         return self.finish(layer, fwd, calls, retries, lost, priced.latency.devices, measured)
 
     def route(

@@ -33,8 +33,9 @@ class RuntimeSettings:
     connection per device, :mod:`~wdmoe.runtime.dataplane`; ``grpc``: a RunExpert call each, as
     devices without one are always called). software_overhead: ``measured``: the prediction the
     BS records (and each call's budget) adds each busy device's running estimate of what its
-    messages cost beyond the latency model (:mod:`wdmoe.latency.overhead`); ``none``: not priced
-    (it is still measured).
+    messages cost beyond the latency model, and each forward's the BS's own running estimate of its
+    compute beyond the model (:mod:`wdmoe.latency.overhead`); ``none``: not priced (it is still
+    measured).
     """
 
     policy: str = "topk"
