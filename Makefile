@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup setup-dev demo test lint build-model bench
+.PHONY: setup setup-dev demo test lint build-model bench chromium
 
 # The runtime: what `wdmoe demo` and the benchmarks import.
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
@@ -24,6 +24,17 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[dev]'
 	touch $@
 
+# Chromium for the dashboard's browser tests (Playwright drives Debian's `chromium`; it cannot
+# download its own browser here). Installed with apt where apt and root are at hand; elsewhere the
+# browser tests are skipped and say why (pytest -ra lists the reason).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	       (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
+	      echo "chromium could not be installed: the browser tests will be skipped"; \
+	    else echo "no chromium and no apt as root: the browser tests will be skipped"; fi; }
+
 setup: $(VENV)/.installed
 
 setup-dev: $(VENV)/.installed-dev
@@ -32,7 +43,7 @@ demo: setup
 	$(BIN)/wdmoe model build
 	$(BIN)/wdmoe demo
 
-test: setup-dev
+test: setup-dev chromium
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q

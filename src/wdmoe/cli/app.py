@@ -4,6 +4,7 @@ them. Each command lives in its own module; they share :mod:`wdmoe.cli.common` o
 import typer
 
 from wdmoe.cli.cell import cell_app
+from wdmoe.cli.dashboard import dashboard_cmd
 from wdmoe.cli.demo import demo
 from wdmoe.cli.eval import eval_cmd
 from wdmoe.cli.generate import generate
@@ -31,6 +32,7 @@ app.command("generate")(generate)
 app.command("demo")(demo)
 app.command("eval")(eval_cmd)
 app.command("load")(load_cmd)
+app.command("dashboard")(dashboard_cmd)
 
 
 def main() -> None:

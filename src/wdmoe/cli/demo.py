@@ -7,10 +7,14 @@ import typer
 from rich.console import Console
 
 from wdmoe.cli.common import BuildProgress, err, fail, quiet_transformers, stream_to_stdout
+from wdmoe.cli.dashboard import DashboardOpt
 from wdmoe.errors import WdmoeError
 
 if TYPE_CHECKING:
+    from wdmoe.dashboard import DashboardServer
     from wdmoe.studies.demo import RunSummary
+
+PACE_S = 0.05  # with a dashboard: a pause after each simulated forward, so the page can be followed
 
 
 def demo(
@@ -28,6 +32,7 @@ def demo(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a scenario field: a.b=value.")
     ] = None,
+    dashboard: DashboardOpt = None,
 ) -> None:
     """The main job: vanilla top-k vs WDMoE-θ on the default model, the same channel trace, side by side."""
     from wdmoe.config import load_scenario
@@ -38,8 +43,10 @@ def demo(
     from wdmoe.studies.demo import PROMPTS, run_policy
 
     quiet_transformers()
+    page = None
     try:
         cfg = load_scenario(scenario, ["model=smollm2-moe8", *(set_ or [])])
+        page = open_dashboard(dashboard, cfg) if dashboard else None
         settings = SimSettings(allocator=allocator, seed=seed)
         runs = [
             ("topk", make_policy("topk")),
@@ -62,11 +69,39 @@ def demo(
                     tuple(prompt or PROMPTS),
                     max_new_tokens,
                     stream_to_stdout,
+                    page.hub if page else None,
+                    PACE_S,
                 )
             )
-    except WdmoeError as e:
+    except (WdmoeError, OSError) as e:
+        if page is not None:
+            page.close()
         raise fail(e) from e
     print_demo_summary(summaries, cfg, seed)
+    if page is not None:
+        keep_serving(page)
+
+
+def open_dashboard(address: str, cfg: Any) -> "DashboardServer":
+    """The demo's dashboard on ``address`` (HOST:PORT): the page, no controls, no /metrics."""
+    from wdmoe.dashboard import DashboardServer, Hub
+    from wdmoe.dashboard.http import parse_address
+    from wdmoe.studies.demo import demo_hello
+
+    server = DashboardServer(Hub(demo_hello(cfg)), *parse_address(address))
+    err.print(f"[bold]dashboard at {server.url}[/] (open it in a browser)")
+    return server
+
+
+def keep_serving(page: "DashboardServer") -> None:
+    """Keep the page up after the run until Ctrl-C."""
+    err.print(f"[dim]the dashboard stays up at {page.url}; Ctrl-C ends it[/]")
+    try:
+        page.stopping.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.close()
 
 
 def print_demo_summary(summaries: list["RunSummary"], cfg: Any, seed: int) -> None:

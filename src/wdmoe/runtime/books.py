@@ -4,6 +4,12 @@
 experts skipped because their device was down or benched, fallbacks, bytes, compute and latency
 predicted against measured) and by the BS after every request; :meth:`Books.summary` is what the
 ``Stats`` RPC serves and the log's last line. Thread-safe.
+
+Every event is also handed to the subscribers (:meth:`Books.subscribe`: the dashboard's hub and
+the Prometheus metrics), in the thread that raised it, so they must be quick and never block;
+:meth:`Books.notify` reaches the subscribers only (the streamed text of users' answers is not
+written to the log). With a subscriber or a log the BS also raises one ``step`` event per forward
+(:mod:`~wdmoe.runtime.pulse`), from the per-layer scratch kept in :attr:`Books.pulse`.
 """
 
 import json
@@ -11,6 +17,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +25,11 @@ from typing import Any
 import numpy as np
 
 from wdmoe.latency import DeviceTimes
+from wdmoe.runtime.pulse import Pulse
 
 log = logging.getLogger("wdmoe.bs")
+Subscriber = Callable[[str, dict[str, Any]], None]  # (kind, values): called in the event's thread
+QUIET = frozenset({"step"})  # kinds logged at DEBUG (one per forward), not INFO
 
 
 @dataclass
@@ -108,18 +118,58 @@ class Books:
         self.lock = threading.Lock()
         self.log_lock = threading.Lock()
         self.log_file = open(metrics_log, "a", buffering=1) if metrics_log else None  # noqa: SIM115
+        self.subscribers: tuple[Subscriber, ...] = ()  # replaced whole, so readers need no lock
+        self.pulse = Pulse(num_slots)
+
+    @property
+    def listening(self) -> bool:
+        """Someone reads the events (a subscriber or the metrics log): worth building a step event."""
+        return bool(self.subscribers) or self.log_file is not None
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call ``subscriber(kind, values)`` on every event from now on; returns the unsubscribe."""
+        with self.log_lock:
+            self.subscribers = (*self.subscribers, subscriber)
+
+        def unsubscribe() -> None:
+            with self.log_lock:
+                self.subscribers = tuple(s for s in self.subscribers if s is not subscriber)
+
+        return unsubscribe
 
     def event(self, kind: str, **values: Any) -> None:
-        """One line of the metrics log (JSON) and the Python log (from any thread)."""
-        log.info("%s %s", kind, values)
-        line = json.dumps({"event": kind, "time_s": time.time()} | values, default=str) + "\n"
-        with self.log_lock:
-            if self.log_file is not None:
-                self.log_file.write(line)
+        """One line of the metrics log (JSON) and the Python log, and every subscriber (any thread)."""
+        (log.debug if kind in QUIET else log.info)("%s %s", kind, values)
+        if self.log_file is not None:
+            line = json.dumps({"event": kind, "time_s": time.time()} | values, default=str) + "\n"
+            with self.log_lock:
+                if self.log_file is not None:
+                    self.log_file.write(line)
+        self.notify(kind, values)
+
+    def notify(self, kind: str, values: dict[str, Any]) -> None:
+        """``values`` to the subscribers only (not the log); a failing subscriber is logged, never raised."""
+        for subscriber in self.subscribers:
+            try:
+                subscriber(kind, values)
+            except Exception:  # a dashboard's bug must not end a forward
+                log.exception("event subscriber %r failed on %s", subscriber, kind)
+
+    def tee_text(self, request: int, on_text: Callable[[str], None]) -> Callable[[str], None]:
+        """``on_text`` that also tells the subscribers each piece of request ``request``'s answer."""
+
+        def tee(piece: str) -> None:
+            on_text(piece)
+            if piece and self.subscribers:
+                self.notify("text", {"id": request, "text": piece})
+
+        return tee
 
     def count_failed(self, slots: list[int], fallback: bool) -> None:
         """Experts without a device answer (their slots, −1 for none): run at the BS (fallback) or
-        dropped, in the BS's and the devices' books."""
+        dropped, in the BS's and the devices' books (called once per layer, in order)."""
+        if self.listening:
+            self.pulse.failed_layer(0 if fallback else len(slots))
         if not slots:
             return
         with self.lock:
@@ -141,6 +191,8 @@ class Books:
                     request.dropped += 1
 
     def served_request(self, summary: dict[str, Any]) -> None:
+        if self.subscribers and "text" in summary:
+            self.notify("answer", {"id": summary["id"], "text": summary["text"]})
         with self.lock:
             self.served.update(
                 requests=1,

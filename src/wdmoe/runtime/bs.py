@@ -38,6 +38,7 @@ from wdmoe.config import ModelConfig, ScenarioConfig, WireConfig
 from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.generate import CallbackStreamer, check_fits, encode_prompt
 from wdmoe.latency.cell import Cell, CellSnapshot, Csi
+from wdmoe.latency.overhead import bs_own_sample_s
 from wdmoe.latency.pricing import Priced, rows_overheads, stack_layers
 from wdmoe.latency.view import ExpertLatency
 from wdmoe.models.install import ForwardCall, WirelessModel
@@ -47,6 +48,7 @@ from wdmoe.runtime import api, dataplane
 from wdmoe.runtime.books import Books, RequestStats
 from wdmoe.runtime.dispatch import DeviceDispatcher, Forward
 from wdmoe.runtime.links import Links
+from wdmoe.runtime.own_cost import OwnCost
 from wdmoe.runtime.placement import DeviceEntry, DeviceRegistry
 from wdmoe.runtime.security import TLSFiles
 from wdmoe.runtime.settings import MODES, WIRE_DTYPES, RuntimeSettings
@@ -136,6 +138,7 @@ class BaseStation:
         self.thread = threading.local()
         self.request_ids = itertools.count(1)
         self.last_priced: Priced | None = None  # the last forward's price (for tests and tools)
+        self.own_cost = OwnCost()  # the BS's own cost per forward beyond the model
         self.hooks = contextlib.ExitStack()
         self.hooks.enter_context(wm.attach(self))
         wm.context.on_select = self.on_select
@@ -201,6 +204,8 @@ class BaseStation:
         fwd = self.dispatcher.current
         if fwd is not None:
             fwd.selection = (candidates, keep)
+            if self.books.listening:  # what the policy left out, for the step event
+                self.books.pulse.selected(keep)
 
     def after_forward(self, call: ForwardCall, ok: bool) -> None:
         fwd, self.dispatcher.current = self.dispatcher.current, None
@@ -219,13 +224,19 @@ class BaseStation:
         policy what it cost."""
         contexts = [r.context_tokens for r in fwd.requests] or [0]
         measured = (time.monotonic() - fwd.started) / self.settings.time_scale
-        moe = predicted = 0.0
+        moe = predicted = own = 0.0
         if fwd.layers:
             overheads = rows_overheads(self.scenario, [new_tokens] * len(contexts), contexts)
             self.last_priced = stack_layers(fwd.layers, *overheads)
             moe = float(self.last_priced.wait_s.sum())
             predicted = float(self.last_priced.latency.total_s)
-        record = {"measured_s": measured, "predicted_s": predicted, "moe_predicted_s": moe}
+            kind = (len(contexts), new_tokens, min(contexts) > 0)
+            if self.dispatcher.settings.software_overhead == "measured":
+                own = self.own_cost.estimate_s(*kind)
+            modelled_bs = float(np.sum(overheads[0]) + overheads[1])
+            self.own_cost.note(*kind, bs_own_sample_s(measured, fwd.layers_s, modelled_bs))
+        predicted += own
+        record = {"measured_s": measured, "predicted_s": predicted, "moe_predicted_s": moe, "bs_own_s": own}
         for request in fwd.requests:
             request.forwards.append(dict(record))
             request.context_tokens += new_tokens
@@ -234,6 +245,8 @@ class BaseStation:
             measured, new_tokens * len(contexts), decode=min(contexts) > 0, steps_left=steps_left
         )
         self.wm.observe(feedback)
+        if self.books.listening:  # one event per forward for the log, dashboard and metrics
+            self.books.event("step", **self.books.pulse.step(self, fwd, measured, predicted))
 
     # --- devices, users, statistics ---------------------------------------------------------
 
@@ -274,7 +287,7 @@ class BaseStation:
         ids = encode_prompt(self.tok, req.prompt, req.chat, req.system)[0]
         check_fits(self.wm, int(ids.numel()), req.max_new_tokens)
         stats = RequestStats(next(self.request_ids), req.max_new_tokens, prompt_tokens=int(ids.numel()))
-        stream = CallbackStreamer(self.tok, on_text)
+        stream = CallbackStreamer(self.tok, self.books.tee_text(stats.id, on_text))
         stream.skip_prompt = False
 
         def token(t: int) -> None:

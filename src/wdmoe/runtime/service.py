@@ -7,6 +7,10 @@ at once however many users are streaming. Generations run in threads of their ow
 turn in arrival order (a waiting client hears ``{"queued": position}`` every few seconds); beyond
 that a request is refused with RESOURCE_EXHAUSTED, so a crowd never degrades everyone's answers.
 All but health need the shared token (optionally over mutual TLS).
+
+With ``dashboard=(host, port)`` the BS also serves its live page, its event stream and its
+Prometheus ``/metrics`` over HTTP beside the gRPC server (:func:`wdmoe.runtime.pulse.attach_dashboard`;
+the page's controls take the same token).
 """
 
 import asyncio
@@ -18,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -27,6 +31,9 @@ from wdmoe.runtime import api
 from wdmoe.runtime.bs import BaseStation, Cancelled
 from wdmoe.runtime.placement import PlacementError
 from wdmoe.runtime.server import AsyncServer
+
+if TYPE_CHECKING:
+    from wdmoe.dashboard.http import DashboardServer
 
 log = logging.getLogger("wdmoe.bs")
 QUEUED_EVERY_S = 5.0  # how often a waiting request hears its place in the queue
@@ -215,13 +222,15 @@ class GenerationFailed(Exception):
 
 @dataclass
 class BSServer:
-    """A serving BS: ``address`` for devices and users; ``stop()`` ends it (and closes the BS)."""
+    """A serving BS: ``address`` for devices and users; ``stop()`` ends it (and closes the BS);
+    ``dashboard``: its live page and /metrics, when served."""
 
     bs: BaseStation
     server: AsyncServer
     service: BSService
     host: str
     port: int
+    dashboard: "DashboardServer | None" = None
 
     @property
     def address(self) -> str:
@@ -231,6 +240,8 @@ class BSServer:
         self.server.wait_for_termination()
 
     def stop(self, grace_s: float | None = 1.0) -> None:
+        if self.dashboard is not None:
+            self.dashboard.close()
         self.server.stop(grace_s)  # ends the streams: their generations stop at their next token
         self.service.workers.shutdown(wait=False, cancel_futures=True)
         self.bs.close()
@@ -242,8 +253,24 @@ class BSServer:
         self.stop()
 
 
-def serve_bs(bs: BaseStation, token: str, host: str = "127.0.0.1", port: int = 0) -> BSServer:
-    """Serve ``bs`` on host:port (loopback by default; 0 picks a free port)."""
+def serve_bs(
+    bs: BaseStation,
+    token: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    dashboard: tuple[str, int] | None = None,
+) -> BSServer:
+    """Serve ``bs`` on host:port (loopback by default; 0 picks a free port); with ``dashboard``
+    (host, port) also its dashboard and /metrics over HTTP."""
     service = BSService(bs)
     server = AsyncServer(service.handlers(), token, host, port, bs.tls)
-    return BSServer(bs, server, service, host, server.port)
+    page = None
+    if dashboard is not None:
+        from wdmoe.runtime.pulse import attach_dashboard
+
+        try:
+            page = attach_dashboard(bs, *dashboard, token=token)
+        except BaseException:
+            server.stop(None)
+            raise
+    return BSServer(bs, server, service, host, server.port, page)

@@ -1,5 +1,8 @@
-"""`wdmoe demo`: vanilla top-k against WDMoE-θ on the same channel trace, side by side."""
+"""`wdmoe demo`: vanilla top-k against WDMoE-θ on the same channel trace, side by side; with a
+dashboard hub, every forward, answer and request is also published for the page
+(:mod:`wdmoe.dashboard.sim`)."""
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -7,6 +10,9 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from wdmoe.config import ScenarioConfig
+from wdmoe.dashboard.hub import Event, Hub
+from wdmoe.dashboard.sim import request_events, watching
+from wdmoe.dashboard.steps import cell_values
 from wdmoe.generate import generate
 from wdmoe.models.install import WirelessModel
 from wdmoe.policies import Policy
@@ -67,14 +73,22 @@ def run_policy(
     prompts: tuple[str, ...],
     max_new_tokens: int,
     on_text: Callable[[str], None],
+    hub: Hub | None = None,
+    pace_s: float = 0.0,
 ) -> RunSummary:
-    """Answer ``prompts`` with ``policy``; the simulation starts at time 0 on the seed's trace."""
+    """Answer ``prompts`` with ``policy``; the simulation starts at time 0 on the seed's trace.
+    With ``hub``, the run is published for the dashboard (pausing ``pace_s`` after each forward)."""
     wm.set_policy(policy)
     sim = Simulation(wm, scenario, settings)
     texts, experts = [], []
-    with sim.attached():
-        for prompt in prompts:  # each prompt's prefill starts a new request
-            result = generate(wm, tok, prompt, max_new_tokens=max_new_tokens, on_text=on_text)
+    with sim.attached(), watching(sim, hub, name, pace_s) if hub else contextlib.nullcontext():
+        for i, prompt in enumerate(prompts):  # each prompt's prefill starts a new request
+            seen, text = len(sim.records), on_text
+            if hub is not None:
+                text, done = request_events(hub, f"{name} · {i + 1}", on_text)
+            result = generate(wm, tok, prompt, max_new_tokens=max_new_tokens, on_text=text)
+            if hub is not None:
+                done(sim.records[seen:], result.text)
             texts.append(result.text)
             on_text("\n")
             experts.append(
@@ -82,3 +96,12 @@ def run_policy(
             )
     per_token = float(np.mean(experts)) / len(wm.blocks)
     return summarise(name, texts, sim.records, per_token)
+
+
+def demo_hello(scenario: ScenarioConfig) -> Callable[[], list[Event]]:
+    """What a viewer of the demo's dashboard is shown first: the cell; no controls (the policies
+    are the demo's own)."""
+    return lambda: [
+        ("cell", cell_values(scenario, "simulator · wdmoe demo", "sim")),
+        ("controls", {"enabled": False}),
+    ]
