@@ -120,7 +120,7 @@ def test_results_files_resume_and_survive_a_cut_short_line(tmp_path):
         f.write(json.dumps(record_to_json(records[3]))[:40])  # a crash mid-write
     with pytest.warns(UserWarning, match="ignoring a truncated last line"):
         assert read_load_records(path) == records[:3] and is_load_file(path)
-        assert done_keys(path) == {("runtime", 2.0, 0), ("runtime", 2.0, 1), ("runtime", 2.0, 2)}
+        assert done_keys(path) == {("runtime", "{}", 2.0, i) for i in range(3)}  # "{}": no config
     with pytest.warns(UserWarning, match="truncated"):
         append_load_record(path, records[3])
     assert read_load_records(path) == records[:4]
@@ -166,3 +166,19 @@ def test_report_cli_adds_the_load_section_beside_eval_results(tmp_path):
     assert res.exit_code == 0, res.output
     text = (tmp_path / "o2" / "report.md").read_text()
     assert "## Latency under load" in text and "arc_easy" not in text
+
+
+def test_records_of_different_settings_never_mix_in_a_run_a_resume_or_a_summary(tmp_path):
+    """The same (face, λ, request) under two configurations: two series, each summarised alone."""
+    path = tmp_path / "load.jsonl"
+    a = [replace(r, config={"policy": "topk"}) for r in made_up()]
+    b = [replace(r, config={"policy": "wdmoe", "params": {"theta": 0.1}}) for r in made_up()]
+    for r in a + b:
+        append_load_record(path, r)
+    keys = done_keys(path)
+    assert len(keys) == len(a) + len(b)  # the same requests under two settings: all kept apart
+    runs = summarize_runs(read_load_records(path))
+    assert len(runs) == 2 * len({r.rate_per_s for r in a})
+    assert sorted(s["n"] for s in runs) == sorted(
+        2 * [sum(r.rate_per_s == x for r in a) for x in {r.rate_per_s for r in a}]
+    )

@@ -97,8 +97,11 @@ def print_summary(records: Sequence["LoadRecord"]) -> None:
     table_console().print(table)
 
 
-def run_runtime(runs: Sequence[Run], prompts: Sequence[str], out: Path, target: Any, sink: Sink) -> None:
-    """Each run against the BS of ``target`` (a LoadTarget), its done requests skipped."""
+def run_runtime(
+    runs: Sequence[Run], prompts: Sequence[str], out: Path, target: Any, sink: Sink, setting: str
+) -> None:
+    """Each run against the BS of ``target`` (a LoadTarget), the requests of this ``setting``
+    (:func:`~wdmoe.serving.load.config_key`) already in ``out`` skipped."""
     from wdmoe.runtime.client import BSClient, BSError
     from wdmoe.runtime.loadgen import run_load
     from wdmoe.studies.load_io import done_keys
@@ -108,7 +111,7 @@ def run_runtime(runs: Sequence[Run], prompts: Sequence[str], out: Path, target: 
             raise BSError(f"no BS answers at {target.address} (is `wdmoe serve-bs` running there?)")
     done = done_keys(out)
     for rate, arrivals in runs:
-        skip = {i for i in range(len(arrivals)) if ("runtime", rate, i) in done}
+        skip = {i for i in range(len(arrivals)) if ("runtime", setting, rate, i) in done}
         run_load(target, arrivals, prompts, rate, skip=skip, on_record=sink)
 
 
@@ -143,10 +146,17 @@ class SimFace:
 
 
 def run_simulated(
-    runs: Sequence[Run], prompts: Sequence[str], out: Path, face: SimFace, max_new_tokens: int, sink: Sink
+    runs: Sequence[Run],
+    prompts: Sequence[str],
+    out: Path,
+    face: SimFace,
+    max_new_tokens: int,
+    sink: Sink,
+    setting: str,
 ) -> None:
-    """Each run in the simulator; a run whose requests are all in ``out`` is skipped, one partly
-    there is simulated again (it is deterministic) and only its missing records are written."""
+    """Each run in the simulator; a run whose requests of this ``setting`` are all in ``out`` is
+    skipped, one partly there is simulated again (it is deterministic) and only its missing
+    records are written."""
     from wdmoe.config import load_scenario
     from wdmoe.models.install import install
     from wdmoe.models.loading import load_checkpoint
@@ -156,7 +166,8 @@ def run_simulated(
     from wdmoe.studies.runner import scenario_overrides
 
     done = done_keys(out)
-    todo = [(rate, a) for rate, a in runs if any(("sim", rate, i) not in done for i in range(len(a)))]
+    missing = lambda rate, n: any(("sim", setting, rate, i) not in done for i in range(n))  # noqa: E731
+    todo = [(rate, a) for rate, a in runs if missing(rate, len(a))]
     if not todo:
         return
     scenario = load_scenario(face.scenario, scenario_overrides(face.model, face.overrides))
@@ -166,7 +177,7 @@ def run_simulated(
         wm.set_top_k(face.top_k)
 
     def fresh(record: "LoadRecord") -> None:
-        if record.key not in done:
+        if ("sim", setting, record.rate_per_s, record.request) not in done:
             sink(record)
 
     for rate, arrivals in todo:
@@ -321,7 +332,7 @@ def load_cmd(
 ) -> None:
     """Latency under load: requests at rates λ (Poisson) or a trace, against a BS or in the
     simulator; TTFT / TPOT percentiles, throughput and drop rate per λ (resumable --out)."""
-    from wdmoe.serving.load import DEFAULT_PROMPTS
+    from wdmoe.serving.load import DEFAULT_PROMPTS, config_key
     from wdmoe.studies.load_io import read_load_records
 
     quiet_transformers()
@@ -354,11 +365,13 @@ def load_cmd(
                 seed,
             )
             config |= face.config()
-            go = lambda sink: run_simulated(runs, texts, out, face, max_new_tokens, sink)  # noqa: E731
+            setting = config_key(config)
+            go = lambda sink: run_simulated(runs, texts, out, face, max_new_tokens, sink, setting)  # noqa: E731
         else:
             target = runtime_target(bs, token, (tls_cert, tls_key, tls_ca), max_new_tokens, timeout_s)
             config |= {"bs": bs}
-            go = lambda sink: run_runtime(runs, texts, out, target, sink)  # noqa: E731
+            setting = config_key(config)
+            go = lambda sink: run_runtime(runs, texts, out, target, sink, setting)  # noqa: E731
         new = with_progress(out, config, sum(len(a) for _, a in runs), "sim" if simulate else f"BS {bs}", go)
         records = read_load_records(out)
     except WdmoeError as e:
@@ -366,4 +379,4 @@ def load_cmd(
     planned = {rate for rate, _ in runs}
     face_name = "sim" if simulate else "runtime"
     tell_outcome(new, sum(len(a) for _, a in runs), out)
-    print_summary([r for r in records if r.face == face_name and r.rate_per_s in planned])
+    print_summary([r for r in records if r.series == (face_name, setting) and r.rate_per_s in planned])

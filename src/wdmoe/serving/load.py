@@ -9,6 +9,7 @@ seconds for the simulator, wall seconds for the runtime).
     TPOT  time per output token after the first = (finished_s − arrival_s − TTFT) / (new_tokens − 1)
 """
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,9 +94,14 @@ class LoadRecord:
             raise ConfigError(f"load record status must be one of {STATUSES}, got {self.status!r}")
 
     @property
-    def key(self) -> tuple[str, float | None, int]:
-        """(face, λ, request): what a resumed run skips."""
-        return (self.face, self.rate_per_s, self.request)
+    def series(self) -> tuple[str, str]:
+        """(face, configuration): the runs of one setting at several λ (:func:`config_key`)."""
+        return (self.face, config_key(self.config))
+
+    @property
+    def key(self) -> tuple[str, str, float | None, int]:
+        """(face, configuration, λ, request): what a resumed run of the same setting skips."""
+        return (*self.series, self.rate_per_s, self.request)
 
     @property
     def tpot_s(self) -> float | None:
@@ -103,6 +109,12 @@ class LoadRecord:
         if self.ttft_s is None or self.finished_s is None or self.new_tokens < 2:
             return None
         return (self.finished_s - self.arrival_s - self.ttft_s) / (self.new_tokens - 1)
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A configuration as one comparable string (sorted JSON): records of different settings
+    never mix in a run, a resume or a summary."""
+    return json.dumps(dict(config), sort_keys=True, default=str)
 
 
 def _stats(values: Sequence[float], name: str) -> dict[str, float]:
@@ -158,15 +170,19 @@ def summarize(records: Sequence[LoadRecord]) -> dict[str, Any]:
     }
 
 
-def group_runs(records: Iterable[LoadRecord]) -> dict[tuple[str, float | None], list[LoadRecord]]:
-    """Records by (face, λ), faces in FACES order, rates ascending (a trace, λ None, last)."""
-    groups: dict[tuple[str, float | None], list[LoadRecord]] = {}
+RunKey = tuple[str, str, float | None]  # (face, configuration, λ)
+
+
+def group_runs(records: Iterable[LoadRecord]) -> dict[RunKey, list[LoadRecord]]:
+    """Records by (face, configuration, λ): faces in FACES order, then configurations, then rates
+    ascending (a trace, λ None, last)."""
+    groups: dict[RunKey, list[LoadRecord]] = {}
     for r in records:
-        groups.setdefault((r.face, r.rate_per_s), []).append(r)
-    order = sorted(groups, key=lambda k: (FACES.index(k[0]), k[1] is None, k[1] or 0.0))
+        groups.setdefault((*r.series, r.rate_per_s), []).append(r)
+    order = sorted(groups, key=lambda k: (FACES.index(k[0]), k[1], k[2] is None, k[2] or 0.0))
     return {k: sorted(groups[k], key=lambda r: r.request) for k in order}
 
 
 def summarize_runs(records: Iterable[LoadRecord]) -> list[dict[str, Any]]:
-    """:func:`summarize` of every (face, λ) run, in :func:`group_runs` order."""
+    """:func:`summarize` of every (face, configuration, λ) run, in :func:`group_runs` order."""
     return [summarize(rs) for rs in group_runs(records).values()]

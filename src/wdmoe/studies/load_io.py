@@ -41,8 +41,9 @@ def append_load_record(path: Path, record: LoadRecord) -> None:
     append_record(Path(path), record_to_json(record))
 
 
-def done_keys(path: Path) -> set[tuple[str, float | None, int]]:
-    """(face, λ, request) of the records already in ``path``: what a rerun skips."""
+def done_keys(path: Path) -> set[tuple[str, str, float | None, int]]:
+    """(face, configuration, λ, request) of the records already in ``path``: what a rerun of the
+    same setting skips."""
     return {r.key for r in read_load_records(path)}
 
 

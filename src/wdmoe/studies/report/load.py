@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wdmoe.serving.load import FACES, PERCENTILES, LoadRecord, group_runs, summarize
+from wdmoe.serving.load import PERCENTILES, LoadRecord, group_runs, summarize
 from wdmoe.studies.load_io import is_load_file
 from wdmoe.studies.report.plots import _pyplot, _save
 
@@ -97,8 +97,20 @@ def describe_config(records: Sequence[LoadRecord]) -> str:
     return "; ".join(t or "not recorded" for t in seen)
 
 
-def _faces(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [f for f in FACES if any(s["face"] == f for s in summaries)]
+def _series(summaries: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The (face, configuration) series of the summaries, in their order."""
+    return list(dict.fromkeys(s["series"] for s in summaries))
+
+
+def series_label(records: Sequence[LoadRecord]) -> str:
+    """A short name for a series' legend: its face and what sets it apart (policy, θ, allocator,
+    scenario or BS)."""
+    c, face = records[0].config, records[0].face
+    params = c.get("params") or {}
+    theta = f" θ={params['theta']}" if isinstance(params, Mapping) and "theta" in params else ""
+    where = c.get("scenario") or c.get("bs") or ""
+    parts = [str(c.get("policy", "")) + theta, str(c.get("allocator", "")), str(where)]
+    return f"{face}: " + " · ".join(p for p in parts if p) if any(parts) else face
 
 
 def _spread(values: Sequence[float]) -> bool:
@@ -131,14 +143,13 @@ def plot_load_latency(summaries: Sequence[Mapping[str, Any]], path: Path) -> Pat
     styles = dict(zip(PERCENTILES, ("-", "--", ":"), strict=True))
     for ax, metric in zip(axes, ("ttft", "tpot"), strict=True):
         values: list[float] = []
-        for i, face in enumerate(_faces(summaries)):
-            runs = sorted((s for s in summaries if s["face"] == face), key=x_of)
+        for i, series in enumerate(_series(summaries)):
+            runs = sorted((s for s in summaries if s["series"] == series), key=x_of)
             for p in PERCENTILES:
                 ys = [1e3 * s[f"{metric}_p{p}"] for s in runs]
                 values += ys
-                ax.plot(
-                    [x_of(s) for s in runs], ys, styles[p], marker="o", color=f"C{i}", label=f"{face} p{p}"
-                )
+                name = f"{runs[0]['label']} p{p}"
+                ax.plot([x_of(s) for s in runs], ys, styles[p], marker="o", color=f"C{i}", label=name)
         if _spread(values):
             ax.set_yscale("log")
         _rate_axis(ax, summaries)
@@ -154,15 +165,13 @@ def plot_load_throughput(summaries: Sequence[Mapping[str, Any]], path: Path) -> 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     drops = ax.twinx()
-    for i, face in enumerate(_faces(summaries)):
-        runs = sorted((s for s in summaries if s["face"] == face), key=x_of)
-        xs = [x_of(s) for s in runs]
+    for i, series in enumerate(_series(summaries)):
+        runs = sorted((s for s in summaries if s["series"] == series), key=x_of)
+        xs, name = [x_of(s) for s in runs], runs[0]["label"]
         ax.plot(
-            xs, [s["tokens_per_s"] for s in runs], "-", marker="o", color=f"C{i}", label=f"{face} tokens/s"
+            xs, [s["tokens_per_s"] for s in runs], "-", marker="o", color=f"C{i}", label=f"{name} tokens/s"
         )
-        drops.plot(
-            xs, [s["drop_rate"] for s in runs], "--", marker="x", color=f"C{i}", label=f"{face} drop rate"
-        )
+        drops.plot(xs, [s["drop_rate"] for s in runs], "--", marker="x", color=f"C{i}", label=f"{name} drops")
     ax.set_title(f"throughput and drop rate against the arrival rate\n{caption(summaries)}", fontsize=9)
     _rate_axis(ax, summaries)
     ax.set_ylabel("output tokens/s")
@@ -180,12 +189,11 @@ def render_load_section(
     the notes and the figures (paths relative to the report)."""
     groups = group_runs(records)
     parts = [f"{heading} Latency under load\n"]
-    for face in FACES:
-        runs = {k: rs for k, rs in groups.items() if k[0] == face}
-        if not runs:
-            continue
+    for series in dict.fromkeys(k[:2] for k in groups):
+        runs = {k: rs for k, rs in groups.items() if k[:2] == series}
         ns = sorted({len(rs) for rs in runs.values()})
-        parts.append(f"{heading}# {FACE_NAMES[face]}\n")
+        first = next(iter(runs.values()))
+        parts.append(f"{heading}# {FACE_NAMES[series[0]]} · {series_label(first).split(': ', 1)[-1]}\n")
         parts.append(load_table([summarize(rs) for rs in runs.values()]) + "\n")
         config = describe_config([r for rs in runs.values() for r in rs])
         parts.append(f"n = {', '.join(map(str, ns))} requests per rate; configuration: {config}\n")
@@ -196,7 +204,11 @@ def render_load_section(
 def run_summary(records: Sequence[LoadRecord]) -> dict[str, Any]:
     """:func:`summarize` of one run, with the seeds its records name ("seeds")."""
     seeds = {r.config["seed"] for r in records if r.config.get("seed") is not None}
-    return summarize(records) | {"seeds": sorted(seeds)}
+    return summarize(records) | {
+        "seeds": sorted(seeds),
+        "series": records[0].series,
+        "label": series_label(records),
+    }
 
 
 def write_load_section(records: Sequence[LoadRecord], folder: Path) -> tuple[str, list[Path]]:
