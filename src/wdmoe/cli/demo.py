@@ -130,11 +130,12 @@ def print_demo_summary(summaries: list["RunSummary"], cfg: Any, seed: int) -> No
     classes = devices_for(cfg.cell.device_classes, cfg.cell.num_devices)
     drops = Table(
         title="per device: channel at t = 0, dropped expert-token pairs, outage (link down % of "
-        "layer times · calls lost to outage / cut late)"
+        "layer times · calls lost to outage / cut late), energy the device spent on all answers (J: "
+        "compute + radio)"
     )
     columns = ["device", "class", "d (m)", "DL/UL Mb/s at B/U"]
     for s in summaries:
-        columns += [f"{s.policy} drops", f"{s.policy} outage"]
+        columns += [f"{s.policy} drops", f"{s.policy} outage", f"{s.policy} energy J"]
     for col in columns:
         drops.add_column(col, justify="right")
     share = state.equal_share_hz()
@@ -142,7 +143,8 @@ def print_demo_summary(summaries: list["RunSummary"], cfg: Any, seed: int) -> No
         rate = f"{state.dl.rate_bps(share)[u] / 1e6:.1f} / {state.ul.rate_bps(share)[u] / 1e6:.1f}"
         cells = [str(u), classes[u].name, f"{state.distance_m[u]:.0f}", rate]
         for s in summaries:
-            cells += [f"{s.drops_per_device[u]:.0f}", outage_cell(s, u)]
+            energy = f"{s.energy_per_device[u]:.3g}" if s.energy_per_device else "–"
+            cells += [f"{s.drops_per_device[u]:.0f}", outage_cell(s, u), energy]
         drops.add_row(*cells)
     out.print(drops)
 

@@ -68,7 +68,8 @@ def outage_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
 
 def latency_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
     """Percentiles of per-request latency (s), mean TTFT / TPOT (s), expert-drop rate, retained
-    mass, and what outage and deadlines did (:func:`outage_summary`)."""
+    mass, what outage and deadlines did (:func:`outage_summary`) and the devices' energy per
+    request (:func:`energy_summary`)."""
     if not records:
         return {"requests": 0}
     totals = np.asarray(request_totals_s(records))
@@ -93,6 +94,28 @@ def latency_summary(records: Sequence[StepRecord]) -> dict[str, Any]:
         "per_layer": breakdown_per_layer(records, len(totals)),
         "per_device": breakdown_per_device(records, len(totals)),
         **outage_summary(records),
+        **energy_summary(records, len(totals)),
+    }
+
+
+def energy_summary(records: Sequence[StepRecord], requests: int) -> dict[str, Any]:
+    """The devices' energy (:mod:`wdmoe.latency.energy`), all in J: ``energy_j`` the mean per
+    request (all devices, compute + radio), ``compute_j`` / ``radio_j`` its two parts, and per
+    device [U] (``per_device_energy``) the mean per request of each part and their sum. {} when a
+    record carries no energy (made before it was accounted)."""
+    if any(r.compute_j is None or r.radio_j is None for r in records):
+        return {}
+    compute = np.sum([r.compute_j.sum(0) for r in records if r.compute_j is not None], axis=0) / requests
+    radio = np.sum([r.radio_j.sum(0) for r in records if r.radio_j is not None], axis=0) / requests
+    return {
+        "energy_j": float(compute.sum() + radio.sum()),
+        "compute_j": float(compute.sum()),
+        "radio_j": float(radio.sum()),
+        "per_device_energy": {
+            "compute_j": compute.tolist(),
+            "radio_j": radio.tolist(),
+            "energy_j": (compute + radio).tolist(),
+        },
     }
 
 

@@ -8,6 +8,8 @@
                 the simulator, the BS and the latency study alike
     overhead.py the software's own cost per message: samples and running estimate of what a real
                 call takes beyond its price (measured by the runtime, priced through pricing.py)
+    energy.py   what the devices spend: compute (FLOPs × J/FLOP) and radio (power × airtime), per
+                layer and device (constants per device class in devices.py)
 
 The names of ``model.py`` are re-exported here; import the others from their modules (they read the
 scenario config, which itself imports the device classes of this package).

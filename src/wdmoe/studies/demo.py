@@ -38,6 +38,7 @@ class RunSummary:
     down_per_device: tuple[float, ...] = ()  # share of (step, layer) times the device's link was down
     lost_per_device: tuple[int, ...] = ()  # calls lost to its link in outage, all layers and steps
     late_per_device: tuple[int, ...] = ()  # calls cut at their deadline, all layers and steps
+    energy_per_device: tuple[float, ...] = ()  # J spent (compute + radio), all answers; () unknown
 
 
 def summarise(
@@ -49,6 +50,8 @@ def summarise(
     down = np.mean(np.concatenate([r.link_down for r in records]), axis=0)
     lost = np.sum([r.cut_down.sum(0) for r in records], axis=0)
     late = np.sum([r.cut_late.sum(0) for r in records], axis=0)
+    spent = [r.compute_j + r.radio_j for r in records if r.compute_j is not None and r.radio_j is not None]
+    energy = np.sum([e.sum(0) for e in spent], axis=0) if spent and len(spent) == len(records) else ()
     return RunSummary(
         policy,
         tuple(texts),
@@ -60,6 +63,7 @@ def summarise(
         tuple(float(d) for d in down),
         tuple(int(n) for n in lost),
         tuple(int(n) for n in late),
+        tuple(float(j) for j in energy),
     )
 
 

@@ -1,7 +1,7 @@
 """Report Markdown: a table per task (metric, latency percentiles, ×speed-up, Δmetric against
-vanilla topk, Pareto front, what outage and deadlines did), a note under it for each heavy-tailed
-row (mean/p50 above :data:`~wdmoe.studies.report.rows.HEAVY_TAIL_RATIO`) and the notes that say
-how to read it."""
+vanilla topk, Pareto front, the devices' energy per request, what outage and deadlines did), a
+note under it for each heavy-tailed row (mean/p50 above
+:data:`~wdmoe.studies.report.rows.HEAVY_TAIL_RATIO`) and the notes that say how to read it."""
 
 import math
 from collections.abc import Mapping, Sequence
@@ -63,6 +63,7 @@ TABLE_HEADER = (
     "Δ{name}{delta_unit}",
     "drop rate",
     "retained mass",
+    "energy J/req",
     "outage req %",
     "late req %",
 )
@@ -88,6 +89,7 @@ def table_cells(row: Row, comparison: Comparison | None, on_front: bool) -> list
         delta,
         f"{row.drop_rate:.3f}",
         f"{row.retained_mass:.3f}",
+        "–" if row.energy_j is None else fmt_s(row.energy_j),
         "–" if row.outage_requests is None else f"{row.outage_requests * 100:.1f}",
         "–" if row.late_requests is None else f"{row.late_requests * 100:.1f}",
     ]
@@ -188,6 +190,10 @@ truly down is lost at its deadline. Each device call has a deadline (slack × it
 + grace); a call that misses it is cut, and its experts are dropped (or run at the BS in fallback
 mode). outage req % = requests that lost an expert to outage; late req % = requests with a call
 cut late; "–": the record predates outage.
+
+energy J/req: what the devices spent per request, in joules: compute (FLOPs run × the device
+class's energy per FLOP) plus radio (receive power × downlink airtime + transmit power × uplink
+airtime); constants and their sources in wdmoe.latency.devices; "–": the record predates energy.
 
 p50 speed-up compares medians: under Rayleigh fading a link just above the outage threshold is
 slow, and a channel-blind policy's mean latency is ruled by the rare deep fades a run happens to

@@ -131,8 +131,8 @@ class Row:
     lost an expert to a link in outage / had a call cut late; lost_calls / late_calls, such events
     per request; link_down_rate, the share of (layer, device) times a link was down;
     per_device_outage: link_down (share of layer times), cut_down / cut_late (calls per request),
-    skipped (tokens per request) → [U].
-    """
+    skipped (tokens per request) → [U]. Energy (None / empty likewise): energy_j, J per request of
+    all devices; per_device_energy: compute_j / radio_j / energy_j → [U] (J per request)."""
 
     task: str
     kind: str
@@ -164,6 +164,8 @@ class Row:
     late_calls: float | None = None
     link_down_rate: float | None = None
     per_device_outage: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    energy_j: float | None = None
+    per_device_energy: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def is_vanilla(self) -> bool:
@@ -234,6 +236,8 @@ def make_row(records: Sequence[Mapping[str, Any]]) -> Row:
         late_calls=_mean_or_none([x.get("late_calls") for x in lat]),
         link_down_rate=_mean_or_none([x.get("link_down_rate") for x in lat]),
         per_device_outage=_mean_mapping([x.get("per_device_outage") for x in lat]),
+        energy_j=_mean_or_none([x.get("energy_j") for x in lat]),
+        per_device_energy=_mean_mapping([x.get("per_device_energy") for x in lat]),
     )
 
 
