@@ -4,9 +4,8 @@ wdmoe.studies.demo)."""
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
-from wdmoe.cli.common import BuildProgress, err, fail, quiet_transformers, stream_to_stdout
+from wdmoe.cli.common import BuildProgress, err, fail, quiet_transformers, stream_to_stdout, table_console
 from wdmoe.cli.dashboard import DashboardOpt
 from wdmoe.errors import WdmoeError
 
@@ -124,7 +123,7 @@ def print_demo_summary(summaries: list["RunSummary"], cfg: Any, seed: int) -> No
             f"{base.total_s / s.total_s:.2f}×",
             f"{s.experts_per_token:.2f}",
         )
-    out = Console()
+    out = table_console()
     out.print(table)
     state = generate_trace(cfg, 1, seed).state(0)
     classes = devices_for(cfg.cell.device_classes, cfg.cell.num_devices)
