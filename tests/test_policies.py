@@ -108,6 +108,7 @@ def test_topk_policy_k_drops_lowest_candidates():
 def test_unknown_policy_names_the_choices():
     with pytest.raises(
         UnknownNameError,
-        match="unknown policy 'fastest'; choose one of: budget, joint, slo, topk, topp, wdmoe, wdmoe-j",
+        match="unknown policy 'fastest'; choose one of: budget, capacity, dynskip, joint, marginal, priced, "
+        "slo, topk, topp, wdmoe, wdmoe-j",
     ):
         make_policy("fastest")

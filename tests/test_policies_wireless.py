@@ -402,7 +402,7 @@ def test_bad_parameters_name_the_field_value_and_range(name, params, match):
 
 
 def test_unknown_names_and_missing_latency_are_clear():
-    with pytest.raises(UnknownNameError, match="unknown policy 'wdmoe2'; choose one of: budget, joint"):
+    with pytest.raises(UnknownNameError, match="unknown policy 'wdmoe2'; choose one of: budget, capacity"):
         make_policy("wdmoe2")
     with pytest.raises(UnknownNameError, match="unknown bandwidth allocator 'fair'"):
         make_policy("joint", allocator="fair")

@@ -1,8 +1,11 @@
 """Expert selection policies (pure, registered by name)."""
 
-
 from wdmoe.policies import budget as _budget  # noqa: F401  (registers "budget")
+from wdmoe.policies import capacity as _capacity  # noqa: F401  (registers "capacity")
+from wdmoe.policies import dynskip as _dynskip  # noqa: F401  (registers "dynskip")
 from wdmoe.policies import joint as _joint  # noqa: F401  (registers "joint")
+from wdmoe.policies import marginal as _marginal  # noqa: F401  (registers "marginal")
+from wdmoe.policies import priced as _priced  # noqa: F401  (registers "priced")
 from wdmoe.policies import slo as _slo  # noqa: F401  (registers "slo")
 from wdmoe.policies import topk as _topk  # noqa: F401  (registers "topk")
 from wdmoe.policies import topp as _topp  # noqa: F401  (registers "topp")
