@@ -32,18 +32,8 @@ from wdmoe.runtime.bs import RuntimeSettings
 from wdmoe.runtime.client import BSClient, BSError
 from wdmoe.runtime.cluster import Cluster
 
-PROMPTS = ["what is the router", "hello world once upon a time", "the base station and the device"]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` in MB (0 when it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+sys.path.insert(0, str(Path(__file__).parent))
+from soak import PROMPTS, rss_mb  # the same prompts and memory probe as the plain soak
 
 
 def free_port() -> int:

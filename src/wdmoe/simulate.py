@@ -23,7 +23,7 @@ layer's time (``split_rows``); a context scored once for several continuations
 request. The same trace (seed) is replayed for every policy, so comparisons are paired.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -159,15 +159,8 @@ class Simulation:
             return
         if fwd.kind == "request":
             loads = expert_loads(traces, self.wm.num_experts)
-            (record,) = price_rows(
-                self.scenario,
-                self.allocator,
-                self.settings.deadline,
-                fwd.layers,
-                loads,
-                [call.new_tokens],
-                self.context_tokens,
-                fwd.start_s,
+            (record,) = self.price_rows(
+                fwd.layers, loads, [call.new_tokens], self.context_tokens, fwd.start_s
             )
             self.finish(record)
             self.context_tokens += call.new_tokens
@@ -178,16 +171,7 @@ class Simulation:
             self.contexts = (fwd, loads, lengths)
             return
         if fwd.kind == "rows":
-            for record in price_rows(
-                self.scenario,
-                self.allocator,
-                self.settings.deadline,
-                fwd.layers,
-                loads,
-                lengths,
-                0,
-                fwd.start_s,
-            ):
+            for record in self.price_rows(fwd.layers, loads, lengths, 0, fwd.start_s):
                 self.new_request()
                 self.finish(record)
         else:
@@ -218,16 +202,7 @@ class Simulation:
             ctx_loads.dropped[p] + loads.dropped,
             [float(m) for m in mass],
         )
-        for record in price_rows(
-            self.scenario,
-            self.allocator,
-            self.settings.deadline,
-            merged,
-            both,
-            [int(x) for x in n],
-            0,
-            ctx.start_s,
-        ):
+        for record in self.price_rows(merged, both, [int(x) for x in n], 0, ctx.start_s):
             self.new_request()
             self.finish(record)
 
@@ -240,17 +215,7 @@ class Simulation:
         assert served is not None and served.rows == fwd.rows, "a batch pass without its rows"
         loads = row_loads(traces, self.wm.num_experts, fwd.row, fwd.rows)
         lengths = row_lengths(fwd.row, fwd.rows)
-        records = price_rows(
-            self.scenario,
-            self.allocator,
-            self.settings.deadline,
-            fwd.layers,
-            loads,
-            lengths,
-            served.context,
-            fwd.start_s,
-            joint=True,
-        )
+        records = self.price_rows(fwd.layers, loads, lengths, served.context, fwd.start_s, joint=True)
         self.records.extend(records)
         self.batch_records, self.batch_tags = records, served.tags
         step = records[0].total_s
@@ -307,6 +272,21 @@ class Simulation:
         return self.inner.run(layer, run)
 
     # --- records ----------------------------------------------------------------------------
+
+    def price_rows(
+        self,
+        layers: Sequence[LayerRun],
+        loads: RowLoads,
+        new_tokens: Sequence[int],
+        context: int | Sequence[int],
+        start_s: float,
+        joint: bool = False,
+    ) -> list[StepRecord]:
+        """:func:`~wdmoe.sim_records.price_rows` on this simulation's scenario, allocator and rule."""
+        rule = self.settings.deadline
+        return price_rows(
+            self.scenario, self.allocator, rule, layers, loads, new_tokens, context, start_s, joint
+        )
 
     def new_request(self) -> None:
         """Start a new request: empty KV cache; simulated time (and the channel) go on."""
