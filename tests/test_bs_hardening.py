@@ -259,7 +259,7 @@ def test_a_request_survives_a_device_whose_every_answer_is_garbage(bad_lab):
     assert m["new_tokens"] == 3 and m["dropped"] > 0
     bad, links = lab.bs.registry.devices[1], lab.bs.links  # called on the plane the fixture chose
     stream = bool(bad.data_address)
-    assert (bad.address in links.streams, bad.address in links.channels) == (stream, not stream)
+    assert (bad.address in links.lanes.lanes, bad.address in links.channels) == (stream, not stream)
 
 
 # --- clients --------------------------------------------------------------------------------------

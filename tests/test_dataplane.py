@@ -357,7 +357,9 @@ def test_a_forward_through_loopback_devices_equals_the_in_process_model(lab_fact
     lab = lab_factory(devices=4, settings=RuntimeSettings(data_plane=plane))
     assert same_as_in_process(lab)
     links = lab.bs.links
-    assert (len(links.streams), len(links.channels)) == ((4, 0) if plane == "stream" else (0, 4))
+    # stream, no TLS, no emulated delays: every layer's calls travel on the direct lanes
+    lanes = len(links.lanes.lanes)
+    assert (lanes, len(links.streams), len(links.channels)) == ((4, 0, 0) if plane == "stream" else (0, 0, 4))
     rows = lab.bs.summary()["devices"]
     assert all(r["answered"] > 0 and not r["failures"] for r in rows), rows
 
@@ -399,7 +401,7 @@ def test_a_restarted_device_is_used_again(lab_factory, shards_by_family):
     answered = lab.bs.summary()["devices"][2]["answered"]
     assert same_as_in_process(lab) and lab.bs.summary()["devices"][2]["answered"] > answered
     assert lab.bs.registry.devices[2].data_address == back.data_address
-    assert lab.bs.links.streams[back.address].address == back.data_address
+    assert lab.bs.links.lanes.lanes[back.address].address == back.data_address
 
 
 def test_a_moved_data_plane_is_a_new_device_and_static_ones_have_none():

@@ -38,6 +38,8 @@ from wdmoe.runtime.envelope import (
     Refused,
     Reply,
     Respond,
+    bs_proof,
+    check_device_proof,
     envelope,
     mac,
     new_event_loop,
@@ -338,20 +340,9 @@ class StreamClient:
         except (OSError, EOFError) as err:
             why = f"{here} hung up before the handshake (a TLS refusal? no wdmoe data plane?): {err!r}"
             raise CallFailed("UNAVAILABLE", why) from err
-        if hello[0] != VERSION:
-            why = f"{here} speaks data-plane version {hello[0]}; this BS speaks version {VERSION}"
-            raise CallFailed("FAILED_PRECONDITION", why)
-        device_nonce, nonce = hello[1:], os.urandom(NONCE_BYTES)
-        writer.write(bytes([VERSION]) + nonce + mac(self.token, b"bs", device_nonce, nonce))
-        answer = await reader.readexactly(1 + MAC_BYTES)
-        if answer[0] != OK:
-            code = STATUS.get(answer[0], "UNAUTHENTICATED")
-            fix = "they must share one token (--token / $WDMOE_TOKEN)"
-            if code == "FAILED_PRECONDITION":
-                fix = f"it does not speak data-plane version {VERSION}"
-            raise CallFailed(code, f"{here} refused the BS: {fix}")
-        if not hmac.compare_digest(answer[1:], mac(self.token, b"device", device_nonce, nonce)):
-            raise CallFailed("UNAUTHENTICATED", f"{here} could not prove the shared token")
+        proof, device_nonce, nonce = bs_proof(self.token, hello, here)
+        writer.write(proof)
+        check_device_proof(self.token, await reader.readexactly(1 + MAC_BYTES), device_nonce, nonce, here)
 
     async def read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Hand each reply to its waiting call (a late one finds none: dropped) until the connection ends."""

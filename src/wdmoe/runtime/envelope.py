@@ -20,6 +20,7 @@ status names: both planes book alike. Version 1 peers (no PING) are refused at t
 import asyncio
 import hashlib
 import hmac
+import os
 import struct
 from collections.abc import Callable
 
@@ -86,6 +87,38 @@ def mac(token: bytes, role: bytes, device_nonce: bytes, bs_nonce: bytes) -> byte
     return hmac.new(token, role + device_nonce + bs_nonce, hashlib.sha256).digest()
 
 
+def bs_proof(token: bytes, hello: bytes, here: str) -> tuple[bytes, bytes, bytes]:
+    """The BS's answer to a device's ``hello`` (version | device nonce): (what to send, the device
+    nonce, the BS nonce); CallFailed when the device speaks another version. ``here``: the device,
+    in words, for the message."""
+    if hello[0] != VERSION:
+        why = f"{here} speaks data-plane version {hello[0]}; this BS speaks version {VERSION}"
+        raise CallFailed("FAILED_PRECONDITION", why)
+    device_nonce, nonce = hello[1:], os.urandom(NONCE_BYTES)
+    return bytes([VERSION]) + nonce + mac(token, b"bs", device_nonce, nonce), device_nonce, nonce
+
+
+def check_device_proof(token: bytes, answer: bytes, device_nonce: bytes, nonce: bytes, here: str) -> None:
+    """The device's verdict and proof (status | HMAC) on the BS's: CallFailed when it refused the BS
+    or cannot prove the token (constant-time compare)."""
+    if answer[0] != OK:
+        code = STATUS.get(answer[0], "UNAUTHENTICATED")
+        fix = "they must share one token (--token / $WDMOE_TOKEN)"
+        if code == "FAILED_PRECONDITION":
+            fix = f"it does not speak data-plane version {VERSION}"
+        raise CallFailed(code, f"{here} refused the BS: {fix}")
+    if not hmac.compare_digest(answer[1:], mac(token, b"device", device_nonce, nonce)):
+        raise CallFailed("UNAUTHENTICATED", f"{here} could not prove the shared token")
+
+
+def check_length(length: int, call_id: int) -> None:
+    """ProtocolError when an envelope's announced length is outside HEAD..FRAME_LIMIT."""
+    if not HEAD <= length <= FRAME_LIMIT:
+        code = "RESOURCE_EXHAUSTED" if length > FRAME_LIMIT else "INVALID_ARGUMENT"
+        why = f"an envelope length of {length} bytes is outside {HEAD}..{FRAME_LIMIT} (the frame limit)"
+        raise ProtocolError(code, why, call_id)
+
+
 def envelope(call_id: int, status: int, body: bytes) -> bytes:
     return ENVELOPE.pack(HEAD + len(body), call_id, status) + body  # one buffer: one syscall
 
@@ -93,8 +126,5 @@ def envelope(call_id: int, status: int, body: bytes) -> bytes:
 async def read_envelope(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
     """(call id, status, body) of the next envelope; ProtocolError, before its body, when too long."""
     length, call_id, status = ENVELOPE.unpack(await reader.readexactly(ENVELOPE.size))
-    if not HEAD <= length <= FRAME_LIMIT:
-        code = "RESOURCE_EXHAUSTED" if length > FRAME_LIMIT else "INVALID_ARGUMENT"
-        why = f"an envelope length of {length} bytes is outside {HEAD}..{FRAME_LIMIT} (the frame limit)"
-        raise ProtocolError(code, why, call_id)
+    check_length(length, call_id)
     return call_id, status, await reader.readexactly(length - HEAD)

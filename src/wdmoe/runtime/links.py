@@ -6,10 +6,12 @@ say ``stream``; else as a gRPC RunExpert call on one grpc.aio channel per device
 in the same outcome codes (UNAVAILABLE, DEADLINE_EXCEEDED, the device's refusals, WIRE). No
 decisions here: the dispatcher says whom to call with what, and how long each call may take.
 
-A layer costs the loop as little as it can (``benchmarks/runtime.py``): frames are encoded and
-answers decoded in the caller's thread, the loop is entered once per layer, and a message over a
+A layer costs as little as it can (``benchmarks/runtime.py``): frames are encoded and answers
+decoded in the caller's thread. A message without TLS or emulated delays travels on the device's
+direct lane (:mod:`.direct`: the same protocol on a non-blocking socket written and polled from
+the caller's thread, no loop at all); the rest enter the loop once per layer, where one over a
 live connection without emulated delays is written at once and cut by a timer (no task, no
-``asyncio.timeout``); the rest go through :meth:`Links.device_job`. Each answered message's wall
+``asyncio.timeout``) and the others go through :meth:`Links.device_job`. Each answered message's wall
 time is kept for the software's own cost per message (:meth:`Links.overhead_samples`).
 """
 
@@ -30,6 +32,7 @@ import torch
 from wdmoe.latency.overhead import overhead_samples_s
 from wdmoe.runtime.dataplane import CallFailed, Reply, StreamClient, new_event_loop
 from wdmoe.runtime.device import RUN_EXPERT
+from wdmoe.runtime.direct import Lanes
 from wdmoe.runtime.placement import DeviceEntry
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
 from wdmoe.runtime.server import GRPC_OPTIONS
@@ -95,7 +98,7 @@ def answer_problem(resp: ExpertResponse | None, hidden: torch.Tensor) -> tuple[s
     y = resp.outputs
     if y.shape != hidden.shape or not y.is_floating_point():
         return "WIRE", f"outputs {y.dtype} {list(y.shape)} for hidden {list(hidden.shape)}"
-    if not bool(torch.isfinite(y).all()):
+    if not math.isfinite(float(y.sum())) and not bool(torch.isfinite(y).all()):  # a finite sum: all finite
         return "NONFINITE", f"outputs [{y.shape[0]}, {y.shape[-1]}] hold NaN or inf"
     return "", ""
 
@@ -113,6 +116,7 @@ class Links:
         self.channels: dict[str, Any] = {}
         self.streams: dict[str, StreamClient] = {}
         self.closing: set[asyncio.Task[None]] = set()
+        self.lanes = Lanes(token)  # the direct lanes, used from fan_out's caller
         self.loop = new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="bs-links", daemon=True).start()
 
@@ -124,13 +128,32 @@ class Links:
         self, calls: dict[int, list[Call]], dl: np.ndarray, ul: np.ndarray, budget: np.ndarray
     ) -> None:
         """Every device's calls at once; returns when all are answered or late (seconds [U]). The
-        frames are encoded and the answers decoded here, in the caller's thread: the link loop only
-        moves bytes, and is entered once per layer."""
+        frames are encoded and the answers decoded here, in the caller's thread. Messages that can
+        travel on a direct lane (:meth:`lane_for`) are sent and awaited from this thread; the rest
+        go through the link loop, entered once per layer, meanwhile."""
         messages = [self.message(g, float(dl[u]), float(ul[u]), float(budget[u])) for u, g in calls.items()]
-        if messages:
-            self.submit(self.exchange(messages)).result()
+        direct = [m for m in messages if self.lane_for(m) is not None]
+        rest = [m for m in messages if self.lane_for(m) is None]
+        later = self.submit(self.exchange(rest)) if rest else None
+        if direct:
+            self.run_direct(direct)
+        if later is not None:
+            later.result()
         for m in messages:
             self.settle(m)
+
+    def lane_for(self, m: Message) -> str | None:
+        """The data address a message travels to on a direct lane (:mod:`.direct`), or None: when
+        the device has no data plane or ours is gRPC, with TLS, or with link delays to emulate."""
+        device = m.group[0].device
+        plain = self.data_plane == "stream" and self.tls is None and not (m.dl_s or m.ul_s)
+        return device.data_address if plain and device.data_address else None
+
+    def run_direct(self, messages: list[Message]) -> None:
+        """The messages on their devices' direct lanes (from this thread)."""
+        jobs = [(m.group[0].device.address, self.lane_for(m) or "", m.frame, m.budget_s) for m in messages]
+        for m, o in zip(messages, self.lanes.run(jobs), strict=True):
+            m.reply, m.error, m.sent_s, m.answered_s = o.reply, o.error, o.sent_s, o.answered_s
 
     def message(
         self, group: list[Call], dl_s: float = 0.0, ul_s: float = 0.0, budget_s: float = 1.0
@@ -281,9 +304,11 @@ class Links:
                 wall_s[u] = at_s - span[0] + tail_s
         pings: dict[int, float] = {}
         for u, group in calls.items():
-            client = self.streams.get(group[0].device.address)
-            if client is not None and client.ping_s is not None:
-                pings[u] = client.ping_s / time_scale
+            address = group[0].device.address
+            client = self.streams.get(address)
+            ping_s = self.lanes.ping_s(address) or (None if client is None else client.ping_s)
+            if ping_s is not None:
+                pings[u] = ping_s / time_scale
         return overhead_samples_s(wall_s, modelled_s, time_scale), pings
 
     def stub(self, address: str) -> Any:
@@ -305,6 +330,7 @@ class Links:
             if stream is not None:
                 await stream.close()
 
+        self.lanes.forget(address, wait)
         if not self.loop.is_closed():
             done = self.submit(drop())
             if wait:
@@ -312,6 +338,7 @@ class Links:
 
     def close(self, last: Coroutine[Any, Any, None]) -> None:
         """Run ``last`` (the caller's own clean-up), close every channel, stop the loop (idempotent)."""
+        self.lanes.close()
         if self.loop.is_closed():
             last.close()
             return

@@ -259,9 +259,13 @@ class DeviceRegistry:
 
     def _expert_slots(self, per_token_s: Any) -> list[int]:
         now = self.clock()
+        by_expert: dict[int, list[DeviceEntry]] = {e: [] for e in range(self.num_experts)}
+        for d in self.devices.values():
+            for e in sorted({k[1] for k in d.experts}):
+                by_expert.setdefault(e, []).append(d)
         slots = []
         for e in range(self.num_experts):
-            hosting = [d for d in self.devices.values() if any(k[1] == e for k in d.experts)]
+            hosting = by_expert[e]
             live = [d for d in hosting if self.usable(d, now)]
             pool = live or hosting
             best = min(pool, key=lambda d: (per_token_s[d.slot], d.slot)) if pool else None
