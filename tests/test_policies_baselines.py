@@ -3,7 +3,7 @@ masks: dynamic skipping (Lu et al., arXiv 2402.14800) and capacity-aware droppin
 (He et al., arXiv 2503.05066)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,13 +23,6 @@ def route_of(candidates, importance, num_experts, renormalize=False) -> RouterOu
     logits = torch.zeros(cand.shape[0], num_experts)
     weights = imp / imp.sum(-1, keepdim=True) if renormalize else torch.ones_like(imp)
     return RouterOutput(logits, cand, weights, imp, renormalize)
-
-
-@dataclass(frozen=True)
-class LayeredRoute(RouterOutput):
-    """A route that says its layer (the hook the wireless block does not provide yet)."""
-
-    layer: int = 0
 
 
 # --- dynamic skipping -----------------------------------------------------------------------------
@@ -74,8 +67,7 @@ def test_dynskip_reads_a_calibration_json_per_layer(tmp_path):
     policy = make_policy("dynskip", calibration=str(path))
     assert isinstance(policy, DynamicSkip) and policy.table == cal
     route = route_of([[0, 1, 2], [3, 4, 5], [6, 7, 0]], SKIP_IMP, 8)
-    fields = {f: getattr(route, f) for f in ("logits", "candidates", "weights", "importance", "renormalize")}
-    at = {layer: policy.select(LayeredRoute(**fields, layer=layer)).keep.tolist() for layer in (0, 1)}
+    at = {layer: policy.select(replace(route, layer=layer)).keep.tolist() for layer in (0, 1)}
     assert at[0] == [[True, True, False], [True, True, False], [True, False, False]]  # β = 0.5
     assert at[1] == [[True, True, True], [True, True, True], [True, False, False]]  # β = 0.1
     # a route without its layer: the pooled β = 0.3
@@ -204,3 +196,24 @@ def test_baselines_keep_the_policy_invariants(name, params, renormalize):
             torch.testing.assert_close(sel.weights.sum(-1), route.weights.sum(-1))
         else:
             torch.testing.assert_close(sel.weights, route.weights * sel.keep)
+
+
+def test_the_wireless_block_tells_a_policy_which_layer_routed():
+    """dynskip's per-layer β needs it: every MoE layer's route says its own index, in order."""
+    from tiny import tiny_model
+    from wdmoe.models.install import install
+    from wdmoe.policies.base import Stateless
+
+    seen: list[int | None] = []
+
+    class Spy(Stateless):
+        name = "spy"
+
+        def select(self, route, view=None):
+            seen.append(route.layer)
+            return make_policy("topk").select(route)
+
+    wm = install(tiny_model("mixtral"))
+    wm.set_policy(Spy())
+    wm.model(torch.randint(4, 120, (1, 5)))
+    assert seen == list(range(len(wm.blocks))) and len(seen) >= 2

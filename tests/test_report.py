@@ -498,6 +498,21 @@ def test_plan_runs_seed_then_task_then_allocator_then_policy():
     assert point_label("arc_easy", plan(s)[-1][1], 2) == "arc_easy · wdmoe θ=0.2 k-scaled · minmax · seed 1"
 
 
+def test_beyond_adds_the_baselines_and_the_new_policy_after_the_papers_and_they_build():
+    from wdmoe.policies import make_policy
+    from wdmoe.studies.reproduce_page import command_line
+
+    beyond = ("dynskip", "marginal")
+    s = ReproduceSettings(tasks=("arc_easy",), thetas=(0.2,), allocators=("minmax",), beyond=beyond)
+    points = [p.policy for _, p in plan(s)]
+    assert [p.name for p in points] == ["topk", "wdmoe", "dynskip", "marginal"]
+    for p in points[2:]:
+        assert make_policy(p.name, **p.params).name == p.name  # the shipped calibration loads
+    assert "--beyond dynskip,marginal" in command_line(s)
+    with pytest.raises(ConfigError, match="--beyond nope: unknown; allowed: dynskip, capacity, marginal"):
+        ReproduceSettings(beyond=("nope",))
+
+
 @pytest.mark.skipif(not (DATA / "arc_easy.jsonl").is_file(), reason=f"benchmark data {DATA} missing")
 def test_reproduce_on_a_tiny_model_writes_results_readme_and_plots(tmp_path):
     ckpt = save_tiny_checkpoint("mixtral", tmp_path / "ckpt")

@@ -25,6 +25,7 @@ class RouterOutput:
         models, which combine with weight 1). Channel-aware policies weigh this.
     renormalize: the model combines with softmax weights, so a policy that drops
         candidates rescales the survivors to keep the token's total weight.
+    layer: the MoE layer that routed (0..L-1; None: not said, e.g. hand-made scores).
     """
 
     logits: torch.Tensor
@@ -32,6 +33,7 @@ class RouterOutput:
     weights: torch.Tensor
     importance: torch.Tensor
     renormalize: bool
+    layer: int | None = None
 
     @property
     def num_experts(self) -> int:

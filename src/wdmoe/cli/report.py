@@ -130,6 +130,10 @@ def reproduce_cmd(
     threads: Annotated[
         int, typer.Option(help="torch CPU threads (1 is fastest on a shared machine; 0: torch's default).")
     ] = 1,
+    beyond: Annotated[
+        str,
+        typer.Option(help="Beyond-paper policies to add, comma-separated: dynskip, capacity, marginal."),
+    ] = "",
 ) -> None:
     """The paper-style table: vanilla top-k vs WDMoE-θ with equal and minmax bandwidth, per task,
     plus the Mixtral-8x7B latency study; resumable (results.jsonl), written to OUT_DIR/README.md."""
@@ -162,6 +166,7 @@ def reproduce_cmd(
             batch_size=batch_size,
             study_prompts=study_prompts,
             study_thetas=_floats(study_thetas, "--study-thetas"),
+            beyond=_names(beyond) if beyond else (),
         )
         with progress_bar() as bar:
             outcome = reproduce(settings, StepProgress(bar), Evaluator())

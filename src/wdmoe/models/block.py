@@ -155,7 +155,7 @@ class WirelessMoEBlock(nn.Module):
         imp = self.importance(logits, candidates, weights)
         order = torch.sort(imp, dim=-1, descending=True, stable=True).indices
         candidates, weights, imp = (t.gather(-1, order) for t in (candidates, weights, imp))
-        return RouterOutput(logits, candidates, weights, imp, self.renormalize)
+        return RouterOutput(logits, candidates, weights, imp, self.renormalize, self.layer)
 
     def forward(self, hidden: torch.Tensor) -> Any:
         x = hidden.reshape(-1, hidden.shape[-1])

@@ -21,9 +21,8 @@ prose). :func:`calibrate` turns the router statistics a caller collected into a
 :class:`SkipCalibration` (per-layer β_l and the pooled β over all layers), saved as a small JSON
 (``benchmarks/dominance.py --calibrate`` writes one for the default model).
 
-Which layer. A policy sees a route, not its layer: the per-layer β_l is used when the route says
-its layer (an attribute ``layer`` on :class:`~wdmoe.types.RouterOutput`, which the wireless block
-does not set yet), and the pooled β otherwise.
+Which layer. The per-layer β_l is used when the route says its layer (``RouterOutput.layer``, set
+by the wireless block), and the pooled β otherwise (hand-made scores).
 """
 
 import json
@@ -102,17 +101,25 @@ def skip_keep(importance: torch.Tensor, beta: float) -> torch.Tensor:
     return keep
 
 
+def calibration_path(name: str) -> Path:
+    """A calibration JSON's path: ``default`` is the default model's, shipped with wdmoe (written by
+    ``benchmarks/dominance.py --calibrate``); anything else is a file path."""
+    if name == "default":
+        return Path(__file__).with_name("calibration") / "default-dynskip.json"
+    return Path(name)
+
+
 def route_layer(route: RouterOutput) -> int | None:
     """The MoE layer a route comes from, when the block that routed says so (see the module doc)."""
-    layer = getattr(route, "layer", None)
-    return None if layer is None else int(layer)
+    return route.layer
 
 
 @POLICIES.register("dynskip")
 @dataclass(frozen=True)
 class DynamicSkip(Stateless):
     """Skip candidate j ≥ 1 iff w_j/w_0 < β. Give exactly one of: ``beta`` ∈ [0, 1] (every layer),
-    ``calibration`` (a JSON path of a :class:`SkipCalibration`) or ``table`` (one built by
+    ``calibration`` (a JSON path of a :class:`SkipCalibration`; ``default``: the default model's,
+    shipped with wdmoe) or ``table`` (one built by
     :func:`calibrate` from router statistics); a table gives β_l, its pooled β where the layer is
     unknown."""
 
@@ -131,7 +138,7 @@ class DynamicSkip(Stateless):
         if self.beta is not None:
             check_range("dynskip.beta", self.beta, 0.0, 1.0)
         if self.calibration is not None:
-            object.__setattr__(self, "table", SkipCalibration.load(self.calibration))
+            object.__setattr__(self, "table", SkipCalibration.load(calibration_path(self.calibration)))
 
     def threshold(self, layer: int | None) -> float:
         """β for a route of ``layer`` (None: unknown)."""

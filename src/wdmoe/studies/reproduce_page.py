@@ -21,7 +21,7 @@ def command_line(settings: ReproduceSettings) -> str:
     default = ReproduceSettings()
     args: list[str] = []
     limits: list[str] = []
-    listed = ("tasks", "thetas", "allocators", "seeds", "study_thetas")
+    listed = ("tasks", "thetas", "allocators", "seeds", "study_thetas", "beyond")
     for f in fields(settings):
         value, name = getattr(settings, f.name), "--" + f.name.replace("_", "-")
         if f.name in ("limit", "gsm8k_limit"):

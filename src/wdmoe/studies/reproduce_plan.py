@@ -19,6 +19,13 @@ PAPER_THETAS = (0.05, 0.1, 0.2, 0.3)
 # / machine loaded by other jobs): arc_easy 0.7 / 1.2, piqa 0.8 / 1.7, winogrande 0.3 / 0.9, boolq
 # 2.5 / 5.7, arc_challenge 0.6 / 1.3, gsm8k ≈ 0.1 / 0.2 s per new token. × 10 configs: 20 items and
 # 2 GSM8K questions of ≤ 96 tokens take ≈ 20 min (quiet) to ≈ 42 min (loaded); the study ≈ 1 min.
+# Beyond the paper (issue 14): published baselines and the straggler-aware policy, each at the
+# setting its measurements chose (benchmarks/dominance.py); `--beyond dynskip,capacity,marginal`.
+BEYOND: dict[str, tuple[str, dict[str, Any]]] = {
+    "dynskip": ("dynskip", {"calibration": "default"}),  # arXiv 2402.14800, β_l on calibration text
+    "capacity": ("capacity", {"gamma": 1.0}),  # arXiv 2503.05066, score-based drop
+    "marginal": ("marginal", {"price_per_ms": 0.3, "protect_top1": False}),
+}
 DEFAULT_LIMIT = 20
 DEFAULT_GSM8K_LIMIT = 2
 DEFAULT_MAX_NEW_TOKENS = 96
@@ -51,8 +58,12 @@ class ReproduceSettings:
     study_prompts: int = 20
     study_thetas: tuple[float, ...] = STUDY_THETAS
     study_presets: tuple[str, ...] = STUDY_PRESETS
+    beyond: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = [b for b in self.beyond if b not in BEYOND]
+        if unknown:
+            raise ConfigError(f"--beyond {','.join(unknown)}: unknown; allowed: {', '.join(BEYOND)}")
         if not self.tasks:
             raise ConfigError("--tasks is empty; give e.g. arc_easy,piqa")
         if not self.thetas or any(not 0.0 < t <= 1.0 for t in self.thetas):
@@ -104,8 +115,10 @@ def parse_task_limit(text: str) -> tuple[str, int]:
 
 
 def policies(settings: ReproduceSettings) -> list[tuple[str, dict[str, Any]]]:
-    """Vanilla topk, then WDMoE-θ for each θ."""
-    return [("topk", {})] + [("wdmoe", {"theta": t, "k_scaled": settings.k_scaled}) for t in settings.thetas]
+    """Vanilla topk, WDMoE-θ for each θ, then the ``beyond`` policies (:data:`BEYOND`)."""
+    wdmoe = [("wdmoe", {"theta": t, "k_scaled": settings.k_scaled}) for t in settings.thetas]
+    paper: list[tuple[str, dict[str, Any]]] = [("topk", {}), *wdmoe]
+    return paper + [BEYOND[b] for b in settings.beyond]
 
 
 def is_generation(task: str) -> bool:
