@@ -143,3 +143,35 @@ def test_shared_contexts_count_each_context_in_full_in_every_request():
         np.testing.assert_array_equal(s.expert_tokens, a.expert_tokens)  # padding is not work
         assert s.total_s == pytest.approx(a.total_s)
     assert shared.contexts is None and shared.time_s > 0
+
+
+def test_a_continuation_pass_decides_on_the_channel_its_context_pass_ran_on():
+    """Each (context + continuation) is one request priced on the context pass's channel, so the
+    policy must see, layer by layer, the very snapshots the context pass ran on — not the later
+    channel of the continuation pass's own clock (the channel moves between the passes)."""
+    from wdmoe.eval.multiple_choice import score_on_shared_contexts
+    from wdmoe.policies.base import Stateless
+
+    views: list[object] = []
+
+    class Spy(Stateless):
+        name = "spy"
+
+        def select(self, route, view=None):
+            views.append(view)
+            return make_policy("topk").select(route)
+
+    model = tiny_model("mixtral")
+    wm = install(model, Spy())
+    cfg = load_scenario("paper", [*TINY, "channel.coherence_s=1e-6"])  # a new block every layer
+    sim = Simulation(wm, cfg, SimSettings(seed=2))
+    gen = torch.Generator().manual_seed(3)
+    ctx = [torch.randint(1, 128, (6,), generator=gen).tolist()]
+    conts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (2, 3)]
+    with sim.attached(), torch.no_grad():
+        score_on_shared_contexts(model, ctx, conts, [0, 0], pad_id=0)
+    layers = len(wm.blocks)
+    assert len(views) == 2 * layers
+    assert all(views[layers + i] is views[i] for i in range(layers))
+    later = sim.cell.snapshot(sim.time_s).view  # the clock moved on: the channel did too
+    assert not np.array_equal(later.channel.dl.gain, views[-1].channel.dl.gain)

@@ -230,14 +230,25 @@ class Simulation:
     # --- the dispatcher (see WirelessMoEBlock): one layer on the cell -------------------------
 
     def layer_snapshot(self) -> CellSnapshot:
-        """The cell when the current layer starts (its forward's start without ``channel_moves``)."""
+        """The cell when the current layer starts (its forward's start without ``channel_moves``).
+        A continuation pass decides on the snapshots its context pass ran its layers on: each
+        (context + continuation) row is one request, priced on the context's channel
+        (:meth:`account_continuations`), so its choices must be made on that channel too."""
         fwd = self.current
         if fwd is None:
             return self.cell.snapshot(self.time_s)
+        if fwd.kind == "continuation" and self.contexts is not None:
+            done, ctx_layers = len(fwd.layers), self.contexts[0].layers
+            if done < len(ctx_layers):
+                return ctx_layers[done].snap
         return self.cell.snapshot(fwd.clock if self.settings.channel_moves else fwd.start_s)
 
+    def placed(self, snap: CellSnapshot, layer: int) -> CellSnapshot:
+        """``snap`` with MoE layer ``layer``'s experts on the devices of ``cell.placement``."""
+        return snap if self.placement is None else snap.placed(self.placement[layer])
+
     def view_at(self, layer: int) -> object:
-        return self.layer_snapshot().view
+        return self.placed(self.layer_snapshot(), layer).view
 
     def on_select(self, layer: int, candidates: torch.Tensor, keep: torch.Tensor) -> None:
         """Count the layer's real tokens per expert (padding is not sent)."""
