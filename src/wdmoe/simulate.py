@@ -243,12 +243,8 @@ class Simulation:
                 return ctx_layers[done].snap
         return self.cell.snapshot(fwd.clock if self.settings.channel_moves else fwd.start_s)
 
-    def placed(self, snap: CellSnapshot, layer: int) -> CellSnapshot:
-        """``snap`` with MoE layer ``layer``'s experts on the devices of ``cell.placement``."""
-        return snap if self.placement is None else snap.placed(self.placement[layer])
-
     def view_at(self, layer: int) -> object:
-        return self.placed(self.layer_snapshot(), layer).view
+        return self.layer_snapshot().view
 
     def on_select(self, layer: int, candidates: torch.Tensor, keep: torch.Tensor) -> None:
         """Count the layer's real tokens per expert (padding is not sent)."""
