@@ -116,6 +116,6 @@ def test_equal_and_proportional():
 
 
 def test_registry_names_and_unknown_allocator():
-    assert ALLOCATORS.names() == ["equal", "minmax", "proportional"]
+    assert ALLOCATORS.names() == ["energy", "equal", "minmax", "proportional"]
     with pytest.raises(UnknownNameError, match="unknown bandwidth allocator 'best'"):
         make_allocator("best")

@@ -273,7 +273,7 @@ def test_runtime_settings_are_validated():
     with pytest.raises(ValueError, match="time_scale"):
         RuntimeSettings(time_scale=0)
     with pytest.raises(ValueError, match="wire_dtype"):
-        RuntimeSettings(wire_dtype="int8")
+        RuntimeSettings(wire_dtype="int4")
 
 
 def test_bfloat16_wire_halves_the_bytes_and_stays_close(lab_factory):

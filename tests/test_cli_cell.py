@@ -69,12 +69,15 @@ def test_allocate_json_compares_every_allocator():
     out = json.loads(res.stdout)
     assert out["tokens"] == [4, 3, 2, 1, 0, 0, 1, 2]
     alloc = out["allocators"]
-    assert set(alloc) == {"equal", "minmax", "proportional"}
+    assert set(alloc) == {"equal", "minmax", "proportional", "energy"}
     for name, a in alloc.items():
         assert sum(a["bandwidth_hz"]) == pytest.approx(20e6), name
         assert a["layer_s"] == pytest.approx(max(a["device_s"]))
     assert alloc["minmax"]["bandwidth_hz"][4] == 0.0 and alloc["minmax"]["device_s"][4] == 0.0
     assert alloc["minmax"]["layer_s"] <= min(alloc["equal"]["layer_s"], alloc["proportional"]["layer_s"])
+    # least energy within 10 % (its default slack) of min-max's wait
+    fastest = alloc["minmax"]["layer_s"]
+    assert fastest <= alloc["energy"]["layer_s"] <= 1.1 * fastest * (1 + 1e-9)
 
 
 def test_allocate_table_and_broadcast_tokens():

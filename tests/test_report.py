@@ -511,6 +511,21 @@ def test_beyond_adds_the_baselines_and_the_new_policy_after_the_papers_and_they_
     assert "--beyond dynskip,marginal" in command_line(s)
     with pytest.raises(ConfigError, match="--beyond nope: unknown; allowed: dynskip, capacity, marginal"):
         ReproduceSettings(beyond=("nope",))
+    with pytest.raises(ConfigError, match="--beyond placement needs --placement FILE"):
+        ReproduceSettings(beyond=("placement",))
+
+
+def test_beyond_cell_variants_run_wdmoe_on_the_adaptive_format_and_a_planned_placement(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text("{}")
+    s = ReproduceSettings(
+        tasks=("arc_easy",), allocators=("minmax",), beyond=("adaptive", "placement"), placement=plan_file
+    )
+    variants = [(p.policy.name, dict(p.policy.params), p.overrides) for _, p in plan(s)][-2:]
+    assert variants == [
+        ("wdmoe", {"theta": 0.1, "k_scaled": True}, ("wire.format=adaptive",)),
+        ("wdmoe", {"theta": 0.1, "k_scaled": True}, (f"cell.placement={plan_file}",)),
+    ]
 
 
 @pytest.mark.skipif(not (DATA / "arc_easy.jsonl").is_file(), reason=f"benchmark data {DATA} missing")

@@ -24,6 +24,7 @@ from wdmoe.channel.fading import FADING
 from wdmoe.channel.geometry import MOBILITY
 from wdmoe.channel.pathloss import PATHLOSS
 from wdmoe.errors import ConfigError
+from wdmoe.formats import FORMATS, FormatError, check_rule
 from wdmoe.latency.devices import DEVICE_CLASSES
 
 INF = math.inf
@@ -54,6 +55,7 @@ class CellConfig:
     ``min_se_bps_per_hz``: below it a link is down for the fading block (default: the lowest CQI
     of 3GPP TS 38.214 Table 5.2.2.1-2, see :mod:`wdmoe.latency.deadline`; 0 turns outage off).
     ``csi_period_s``: how often the BS refreshes its channel estimate (absent: every fading block).
+    ``placement``: a placement file of ``wdmoe plan`` (JSON; absent: expert e on device e mod U).
     """
 
     num_devices: int = 8
@@ -76,6 +78,7 @@ class CellConfig:
     overhead_s: float = 0.0
     min_se_bps_per_hz: float = 0.1523
     csi_period_s: float | None = None
+    placement: str | None = None
 
     def __post_init__(self) -> None:
         check_range("cell.num_devices", self.num_devices, 1, 100_000)
@@ -164,14 +167,27 @@ class MobilityConfig:
 @dataclass(frozen=True)
 class WireConfig:
     """What a hidden state costs on the air: bits per element (16: bf16; 8/4 with activation
-    quantization) and a header per message."""
+    quantization) and a header per message. ``format`` (:mod:`wdmoe.formats`): ``none`` prices
+    ``bits_per_element`` and leaves the values exact (the paper's setting); a format name prices
+    that format's own bits (row scales included) and the simulator applies its rounding;
+    ``adaptive`` gives each device, per layer, a format by its link's SNR on the BS's estimate:
+    ``adaptive_formats[i]`` (strong → weak links) for SNR between ``adaptive_snr_db[i]`` and
+    ``adaptive_snr_db[i-1]`` dB (decreasing thresholds)."""
 
     bits_per_element: int = 16
     header_bits: int = 512
+    format: str = "none"
+    adaptive_formats: tuple[str, ...] = ("bfloat16", "int8")
+    adaptive_snr_db: tuple[float, ...] = (15.0,)
 
     def __post_init__(self) -> None:
         check_choice("wire.bits_per_element", self.bits_per_element, (1, 2, 4, 8, 16, 32))
         check_range("wire.header_bits", self.header_bits, 0, 1e9)
+        check_choice("wire.format", self.format, ("none", *FORMATS, "adaptive"))
+        try:
+            check_rule(self.adaptive_formats, self.adaptive_snr_db)
+        except FormatError as err:
+            raise ConfigError(f"wire.adaptive_formats / wire.adaptive_snr_db: {err}") from None
 
 
 @dataclass(frozen=True)

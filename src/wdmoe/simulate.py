@@ -26,11 +26,13 @@ request. The same trace (seed) is replayed for every policy, so comparisons are 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from wdmoe.allocation import make_allocator
+from wdmoe.allocation.energy import MAX_SLACK, energy_params
 from wdmoe.channel.units import FloatArray
 from wdmoe.config import ScenarioConfig, check_range
 from wdmoe.errors import ConfigError
@@ -39,9 +41,11 @@ from wdmoe.latency.deadline import DeadlineRule
 from wdmoe.latency.model import bs_seconds
 from wdmoe.latency.pricing import Calls, forward_overheads, price_layer, rows_overheads
 from wdmoe.loads import RowLoads, expert_loads, row_lengths, row_loads, token_rows
-from wdmoe.models.dispatch import Dispatcher
+from wdmoe.models.dispatch import Dispatcher, run_on_wire
 from wdmoe.models.install import ForwardCall, WirelessModel
 from wdmoe.models.requests import concurrent_rows, shared_contexts
+from wdmoe.planning.files import read_placement
+from wdmoe.planning.optimise import IntArray
 from wdmoe.sim_records import LayerRun, StepRecord, price_rows
 from wdmoe.types import Feedback
 
@@ -66,9 +70,11 @@ class SimSettings:
     deadline: DeadlineRule = field(default_factory=DeadlineRule)
     channel_moves: bool = True
     software_overhead_ms: float = 0.0
+    energy_slack: float = 0.1  # allocator "energy": the wait may exceed min-max's by this fraction
 
     def __post_init__(self) -> None:
         check_range("sim.software_overhead_ms", self.software_overhead_ms, 0.0, 1e6)
+        check_range("sim.energy_slack", self.energy_slack, 0.0, MAX_SLACK)
         check_range("sim.csi_delay_blocks", self.csi_delay_blocks, 0, 1e6)
         check_range("sim.csi_error_std_db", self.csi_error_std_db, 0.0, 60.0)
         check_range("sim.trace_blocks", self.trace_blocks, 1, 1e8)
@@ -109,7 +115,9 @@ class Simulation:
         seed = self.scenario.seed if s.seed is None else s.seed
         csi = Csi(s.csi_delay_blocks, s.csi_error_std_db)
         self.cell = Cell(self.scenario, s.trace_blocks, seed, csi, wrap=True)
-        self.allocator = make_allocator(s.allocator)
+        self.placement = scenario_placement(self.scenario, sorted(self.wm.blocks))  # cell.placement
+        params = energy_params(self.scenario, s.energy_slack) if s.allocator == "energy" else {}
+        self.allocator = make_allocator(s.allocator, **params)  # "energy": priced by the cell's radios
         self.time_s = 0.0
         self.context_tokens = 0
         self.current: Pass | None = None
@@ -243,8 +251,12 @@ class Simulation:
                 return ctx_layers[done].snap
         return self.cell.snapshot(fwd.clock if self.settings.channel_moves else fwd.start_s)
 
+    def placed(self, snap: CellSnapshot, layer: int) -> CellSnapshot:
+        """``snap`` with MoE layer ``layer``'s experts on the devices of ``cell.placement``."""
+        return snap if self.placement is None else snap.placed(self.placement[layer])
+
     def view_at(self, layer: int) -> object:
-        return self.layer_snapshot().view
+        return self.placed(self.layer_snapshot(), layer).view
 
     def on_select(self, layer: int, candidates: torch.Tensor, keep: torch.Tensor) -> None:
         """Count the layer's real tokens per expert (padding is not sent)."""
@@ -259,7 +271,7 @@ class Simulation:
         fwd = self.current
         if fwd is None:
             return self.inner.run(layer, inputs)
-        snap = self.layer_snapshot()
+        snap = self.placed(self.layer_snapshot(), layer)
         view = snap.view
         tokens, fwd.selected = fwd.selected, None
         assert tokens is not None, "every MoE block reports its selection (on_select) before dispatching"
@@ -276,7 +288,9 @@ class Simulation:
         lost = skipped | priced.cut[view.placement]
         fallback = self.settings.deadline.mode == "fallback"
         run = {e: x for e, x in inputs.items() if fallback or not lost[e]}
-        return self.inner.run(layer, run)
+        cost = view.cost  # each expert through its device's wire format (one run at the BS: exact)
+        wire = {e: cost.format_of(int(view.placement[e])) for e in run if not lost[e]} if cost.formats else {}
+        return run_on_wire(self.inner, layer, run, wire)
 
     # --- records ----------------------------------------------------------------------------
 
@@ -328,3 +342,19 @@ def check_model_matches(wm: WirelessModel, scenario: ScenarioConfig) -> None:
             f"experts) but the model has {got[0]} × {got[1]}; use model=<preset> matching the model "
             "(e.g. model=smollm2-moe8 for the default model)"
         )
+
+
+def scenario_placement(scenario: ScenarioConfig, layer_ids: Sequence[int]) -> dict[int, IntArray] | None:
+    """Primary device of each expert [E] by MoE layer id, from the scenario's ``cell.placement``
+    file (None: no file, expert e on device e mod U); a file for another cell or model raises
+    ConfigError."""
+    if scenario.cell.placement is None:
+        return None
+    m, path = scenario.model, scenario.cell.placement
+    f = read_placement(Path(path), scenario.cell.num_devices, m.num_layers, m.num_experts)
+    if sorted(f.layers) != sorted(layer_ids):
+        raise ConfigError(
+            f"cell.placement = {path!r} places MoE layers {list(f.layers)}, "
+            f"but the model has {list(layer_ids)}"
+        )
+    return dict(zip(f.layers, f.primary, strict=True))

@@ -3,7 +3,7 @@
 make_allocator("minmax").allocate(layer_demand(tokens, flops, cost), channel_state)
 """
 
-
+from wdmoe.allocation import energy as _energy  # noqa: F401  (registers "energy")
 from wdmoe.allocation import equal as _equal  # noqa: F401  (registers "equal")
 from wdmoe.allocation import minmax as _minmax  # noqa: F401  (registers "minmax")
 from wdmoe.allocation import proportional as _proportional  # noqa: F401  (registers "proportional")

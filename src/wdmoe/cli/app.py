@@ -10,6 +10,7 @@ from wdmoe.cli.eval import eval_cmd
 from wdmoe.cli.generate import generate
 from wdmoe.cli.load import load_cmd
 from wdmoe.cli.model import model_app
+from wdmoe.cli.plan import plan_cmd
 from wdmoe.cli.report import report_cmd, reproduce_cmd
 from wdmoe.cli.runtime import cluster_cmd, device_cmd, serve_bs_cmd, stats_cmd
 from wdmoe.cli.sweep import sweep_cmd
@@ -32,6 +33,7 @@ app.command("generate")(generate)
 app.command("demo")(demo)
 app.command("eval")(eval_cmd)
 app.command("load")(load_cmd)
+app.command("plan")(plan_cmd)
 app.command("dashboard")(dashboard_cmd)
 
 

@@ -18,7 +18,7 @@ from wdmoe.cli.common import (
     progress_bar,
     quiet_transformers,
 )
-from wdmoe.errors import WdmoeError
+from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.policies import POLICIES
 
 if TYPE_CHECKING:
@@ -53,6 +53,13 @@ def run_with_progress(point: "EvalPoint", names: list[str], out: Path) -> list[d
         return Evaluator().run(point, names, out, on_task=done)
 
 
+def placement_override(path: Path | None) -> tuple[str, ...]:
+    """``--placement FILE`` as the scenario override it stands for (the path made absolute)."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"--placement {str(path)!r} does not exist; write one with `wdmoe plan --out FILE`")
+    return () if path is None else (f"cell.placement={path.resolve()}",)
+
+
 def eval_cmd(
     tasks: Annotated[str, typer.Option(help="Comma-separated registered tasks, e.g. arc_easy,piqa.")],
     data_dir: Annotated[
@@ -77,6 +84,10 @@ def eval_cmd(
         str, typer.Option(help="Bandwidth allocator: equal, minmax, proportional.")
     ] = "equal",
     seed: Annotated[int, typer.Option(help="Channel trace seed.")] = 0,
+    placement: Annotated[
+        Path | None,
+        typer.Option(help="Placement file of `wdmoe plan` (= --set cell.placement=FILE; default: e mod U)."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Results file (JSON Lines, resumable).")] = Path(
         "results/eval.jsonl"
     ),
@@ -123,7 +134,7 @@ def eval_cmd(
             model=model,
             policy=PolicySpec(policy, params if theta is None else {"theta": theta, **params}, top_k),
             scenario=scenario,
-            overrides=tuple(set_ or ()),
+            overrides=tuple(set_ or ()) + placement_override(placement),
             sim=SimSettings(
                 allocator=allocator,
                 seed=seed,

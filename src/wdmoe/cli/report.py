@@ -40,14 +40,17 @@ def report_cmd(
     title: Annotated[str, typer.Option(help="The report's title.")] = "wdmoe report",
 ) -> None:
     """Tables per task (accuracy, latency, ×speed-up and Δaccuracy against vanilla topk) and plots;
-    with `wdmoe load` results beside it (load*.jsonl), the latency under load section."""
+    with `wdmoe load` results beside it (load*.jsonl), the latency under load section; with the
+    energy trade-off study's (energy_tradeoff*.json), the energy against latency section."""
     from wdmoe.studies.load_io import read_load_files
-    from wdmoe.studies.report import find_load_files, load_records, write_report
+    from wdmoe.studies.report import find_energy_files, find_load_files, load_records, write_report
 
     try:
-        load_files = find_load_files(results)
-        records = [] if load_files and results in load_files else load_records(results)
-        report = write_report(records, out, title, load=read_load_files(load_files))
+        energy_files = find_energy_files(results)
+        study = results in energy_files  # the trade-off study's JSON (not JSON Lines): no task tables
+        load_files = find_load_files(results.parent if study else results)
+        records = [] if study or results in load_files else load_records(results)
+        report = write_report(records, out, title, load=read_load_files(load_files), energy=energy_files)
     except WdmoeError as e:
         raise fail(e) from e
     if report.rows:
@@ -132,8 +135,14 @@ def reproduce_cmd(
     ] = 1,
     beyond: Annotated[
         str,
-        typer.Option(help="Beyond-paper policies to add, comma-separated: dynskip, capacity, marginal."),
+        typer.Option(
+            help="Beyond-paper rows, comma-separated: dynskip, capacity, marginal (policies); "
+            "adaptive (wire format by SNR), placement (needs --placement)."
+        ),
     ] = "",
+    placement: Annotated[
+        Path | None, typer.Option(help="Placement file of `wdmoe plan` for --beyond placement.")
+    ] = None,
 ) -> None:
     """The paper-style table: vanilla top-k vs WDMoE-θ with equal and minmax bandwidth, per task,
     plus the Mixtral-8x7B latency study; resumable (results.jsonl), written to OUT_DIR/README.md."""
@@ -167,6 +176,7 @@ def reproduce_cmd(
             study_prompts=study_prompts,
             study_thetas=_floats(study_thetas, "--study-thetas"),
             beyond=_names(beyond) if beyond else (),
+            placement=placement,
         )
         with progress_bar() as bar:
             outcome = reproduce(settings, StepProgress(bar), Evaluator())

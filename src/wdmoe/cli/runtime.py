@@ -254,6 +254,9 @@ def cluster_cmd(
     allocator: Annotated[str, typer.Option(help="Bandwidth allocator per layer.")] = "equal",
     mode: Annotated[str, typer.Option(help="wait, drop or fallback.")] = "drop",
     replicas: Annotated[int, typer.Option(help="Devices holding each expert.")] = 1,
+    placement: Annotated[
+        Path | None, typer.Option(help="Placement file of `wdmoe plan`: each device gets its listed shards.")
+    ] = None,
     emulate_links: Annotated[bool, typer.Option(help="Wait out the channel's DL/UL delays.")] = False,
     time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second.")] = 1.0,
     data_plane: DataPlaneOpt = "stream",
@@ -285,6 +288,7 @@ def cluster_cmd(
             scenario=scenario,
             overrides=set_ or [],
             replicas=replicas,
+            placement=placement,
             bs_in_process=False,
             metrics_log=metrics_log,
             dashboard=dashboard,

@@ -1,7 +1,8 @@
 """What a selection costs on a channel (pure, vectorised; SPEC §4).
 
 For MoE layer l and device u with n_u tokens routed to it:
-    S(n)  = n·D·b + H·[n > 0]                 bits of one message (D hidden, b bits/element, H header)
+    S(n)  = n·round(D·b_u) + H·[n > 0]        bits of one message (D hidden, b_u bits/element of
+                                             device u's wire format, row scales included; H header)
     t_u   = S(n_u)/R_u^DL + n_u·F_tok/C_u + S(n_u)/R_u^UL + τ0·[n_u > 0]
             F_tok = 2·3·D·F (one SwiGLU expert, one token), C_u the device's effective FLOP/s
     T_l   = max_{u: n_u > 0} t_u               (the BS waits for the slowest selected device)
@@ -11,25 +12,28 @@ that broadcasts (e.g. [U]); a prefill passes all prompt tokens of a layer at onc
 one token per user per layer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wdmoe.channel.state import ChannelState
 from wdmoe.channel.units import FloatArray
+from wdmoe.formats import bits_per_element as format_bits
 
 if TYPE_CHECKING:
     from wdmoe.config import ModelConfig, ScenarioConfig
 
 
-def payload_bits(tokens: Any, hidden_size: int, bits_per_element: int, header_bits: int) -> Any:
-    """Bits of one message carrying ``tokens`` hidden states: n·D·b + H, and 0 when n = 0.
+def payload_bits(tokens: Any, hidden_size: int, bits_per_element: Any, header_bits: int) -> Any:
+    """Bits of one message carrying ``tokens`` hidden states: n·round(D·b) + H, and 0 when n = 0.
 
+    b: one value, or one per device [U] (broadcast against tokens [..., U]); a row of D elements
+    is a whole number of bits (b = 8 + 32/D for int8 with a float32 row scale: D·b = 8·D + 32).
     The runtime's wire protocol sizes its messages with this same function.
     """
     n = np.asarray(tokens)
-    return n * (hidden_size * bits_per_element) + header_bits * (n > 0)
+    return n * np.rint(hidden_size * np.asarray(bits_per_element)) + header_bits * (n > 0)
 
 
 def expert_flops_per_token(hidden_size: int, ffn_size: int) -> float:
@@ -45,19 +49,36 @@ def transfer_s(bits: Any, rate_bps: Any) -> Any:
 
 @dataclass(frozen=True)
 class ExpertCost:
-    """The channel-free cost of serving tokens on a device: message sizes, FLOPs, overhead τ0."""
+    """The cost of serving tokens on a device: message sizes, FLOPs, overhead τ0. ``formats``: the
+    wire format of each device [U] (:mod:`wdmoe.formats`; empty: ``wire.format = "none"``, values
+    exact), whose bits per element ``bits_per_element`` then holds [U]."""
 
     hidden_size: int
-    bits_per_element: int
+    bits_per_element: float | FloatArray
     header_bits: int
     flops_per_token: float
     overhead_s: float | FloatArray = 0.0  # τ0; per device [U] with the software's own cost priced
+    formats: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, scenario: "ScenarioConfig") -> "ExpertCost":
+        """The scenario's cost; with a wire format, its bits (``adaptive`` without a channel: the
+        strong links' format, :meth:`with_formats` sets one per device)."""
         m, w = scenario.model, scenario.wire
         flops = expert_flops_per_token(m.hidden_size, m.ffn_size)
-        return cls(m.hidden_size, w.bits_per_element, w.header_bits, flops, scenario.cell.overhead_s)
+        fmt = w.adaptive_formats[0] if w.format == "adaptive" else w.format
+        bits = w.bits_per_element if fmt == "none" else format_bits(fmt, m.hidden_size)
+        return cls(m.hidden_size, bits, w.header_bits, flops, scenario.cell.overhead_s)
+
+    def with_formats(self, formats: tuple[str, ...]) -> "ExpertCost":
+        """The same cost with device u's hidden states in ``formats[u]`` (bits per element [U])."""
+        bits = np.array([format_bits(f, self.hidden_size) for f in formats], dtype=np.float64)
+        bits.setflags(write=False)
+        return replace(self, bits_per_element=bits, formats=tuple(formats))
+
+    def format_of(self, device: int) -> str:
+        """Device ``device``'s wire format ("none" without formats)."""
+        return self.formats[device] if self.formats else "none"
 
     def message_bits(self, tokens: Any) -> Any:
         return payload_bits(tokens, self.hidden_size, self.bits_per_element, self.header_bits)

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from wdmoe.channel.state import ChannelState
 from wdmoe.channel.units import BoolArray, FloatArray
+from wdmoe.formats import choose_formats, link_snr_db
 from wdmoe.latency.devices import devices_for, effective_flops_per_s
 from wdmoe.latency.model import DeviceTimes, ExpertCost, device_time_s, device_times, layer_demand, waiting_s
 
@@ -86,9 +87,13 @@ class ExpertLatency:
         bandwidth_hz: Any = None,
         up: Any = None,
     ) -> "ExpertLatency":
-        """The scenario's expert cost and device classes on ``channel``."""
+        """The scenario's expert cost and device classes on ``channel`` (each device's wire format
+        by :func:`device_formats`)."""
         flops = effective_flops_per_s(devices_for(scenario.cell.device_classes, channel.num_devices))
-        return cls.build(channel, ExpertCost.from_config(scenario), flops, placement, bandwidth_hz, up)
+        cost = ExpertCost.from_config(scenario)
+        formats = device_formats(scenario, channel)
+        cost = cost.with_formats(formats) if formats else cost
+        return cls.build(channel, cost, flops, placement, bandwidth_hz, up)
 
     @property
     def num_experts(self) -> int:
@@ -156,3 +161,14 @@ class ExpertLatency:
             self.flops_per_s,
             self.cost,
         )
+
+
+def device_formats(scenario: "ScenarioConfig", channel: ChannelState) -> tuple[str, ...]:
+    """Each device's wire format [U] on ``channel`` (the BS's estimate): ``wire.format`` for all,
+    or the adaptive rule on their link SNRs (:func:`wdmoe.formats.choose_formats`); () for "none"."""
+    w = scenario.wire
+    if w.format == "none":
+        return ()
+    if w.format != "adaptive":
+        return (w.format,) * channel.num_devices
+    return choose_formats(link_snr_db(channel), w.adaptive_formats, w.adaptive_snr_db)

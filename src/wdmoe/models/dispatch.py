@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from wdmoe.formats import round_trip
 from wdmoe.models.experts import expert_forward
 
 
@@ -32,3 +33,20 @@ class LocalDispatcher:
             e: expert_forward(experts.gate_up_proj[e], experts.down_proj[e], experts.act_fn, x)
             for e, x in inputs.items()
         }
+
+
+def run_on_wire(
+    inner: Dispatcher, layer: int, inputs: Mapping[int, torch.Tensor], formats: Mapping[int, str]
+) -> dict[int, torch.Tensor]:
+    """``inner``'s outputs as they reach the BS when expert e's device link carries hidden states
+    in wire format ``formats[e]`` (:mod:`wdmoe.formats`; absent or "none": exact): its inputs
+    [n_e, D] rounded as the downlink delivers them, its outputs as the uplink does. float32 (and
+    "none") leave every value bit-identical."""
+    exact = ("none", "float32")
+    if all(formats.get(e, "none") in exact for e in inputs):
+        return inner.run(layer, inputs)  # nothing to round: not even a dict copy
+    sent = {
+        e: round_trip(x, formats[e]) if formats.get(e, "none") != "none" else x for e, x in inputs.items()
+    }
+    out = inner.run(layer, sent)
+    return {e: round_trip(y, formats[e]) if formats.get(e, "none") != "none" else y for e, y in out.items()}

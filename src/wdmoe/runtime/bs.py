@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from wdmoe.config import ModelConfig, ScenarioConfig, WireConfig
+from wdmoe.config import ModelConfig, ScenarioConfig
 from wdmoe.errors import ConfigError, WdmoeError
+from wdmoe.formats import FORMATS, STORAGE
 from wdmoe.generate import CallbackStreamer, check_fits, encode_prompt
 from wdmoe.latency.cell import Cell, CellSnapshot, Csi
 from wdmoe.latency.overhead import bs_own_sample_s
@@ -64,11 +65,18 @@ class Cancelled(Exception):
     """The user went away mid-generation."""
 
 
-def runtime_scenario(scenario: ScenarioConfig, wire_dtype: torch.dtype) -> ScenarioConfig:
-    """The scenario with the runtime's own message sizes: hidden states at the wire dtype's bits and
-    the frame header of :mod:`wdmoe.runtime.wire`, so the latency model prices the bytes that travel."""
-    header_bytes = encoded_size((0, 0), wire_dtype)
-    wire = WireConfig(bits_per_element=8 * wire_dtype.itemsize, header_bits=8 * header_bytes)
+def runtime_scenario(scenario: ScenarioConfig, wire_dtype: torch.dtype | str) -> ScenarioConfig:
+    """The scenario with the runtime's own message sizes: hidden states at the wire dtype's bits, or
+    in the wire format of that name (:mod:`wdmoe.formats`; ``adaptive``: the scenario's rule picks
+    one per device and layer), and the frame header of :mod:`wdmoe.runtime.wire`, so the latency
+    model prices the bytes that travel (a format's row scales included)."""
+    name = str(wire_dtype).removeprefix("torch.")
+    fmt = name if name in (*FORMATS, "adaptive") else "none"
+    storage = STORAGE.get(scenario.wire.adaptive_formats[0] if fmt == "adaptive" else fmt)
+    dtype = wire_dtype if isinstance(wire_dtype, torch.dtype) else storage or torch.float32
+    header_bytes = encoded_size((0, 0), dtype)  # the header is the same in every format
+    bits = 8 * dtype.itemsize
+    wire = replace(scenario.wire, bits_per_element=bits, header_bits=8 * header_bytes, format=fmt)
     return replace(scenario, wire=wire)
 
 
@@ -114,8 +122,8 @@ class BaseStation:
         self.settings = s = settings or RuntimeSettings()
         check_model_matches(wm, scenario)
         self.wm, self.tok, self.tls = wm, tok, tls
-        wire_dtype = WIRE_DTYPES[s.wire_dtype]
-        self.scenario = runtime_scenario(scenario, wire_dtype)
+        wire_dtype = WIRE_DTYPES.get(s.wire_dtype, torch.float32)  # a format's: float32 for probes
+        self.scenario = runtime_scenario(scenario, s.wire_dtype)
         self.num_slots = scenario.cell.num_devices
         seed = scenario.seed if s.seed is None else s.seed
         self.cell = Cell(

@@ -1,7 +1,8 @@
 """A local cluster: a BS and N device worker processes on loopback.
 
 ``Cluster`` loads a model, splits it into a temporary folder, places expert e of every layer on
-device ``e % N`` (and, with replicas r, also on the r − 1 next devices), starts the BS — in this
+device ``e % N`` (and, with replicas r, also on the r − 1 next devices; or as a ``wdmoe plan``
+placement file lists them), starts the BS — in this
 process (``bs_in_process``, so tests can reach the model) or as ``python -m wdmoe serve-bs`` — and
 one ``python -m wdmoe.runtime.device --bs …`` subprocess per device (free loopback ports; a random
 token handed over in ``$WDMOE_TOKEN``, never on the command line), and waits until every device has
@@ -34,6 +35,7 @@ from wdmoe.errors import ConfigError, WdmoeError
 from wdmoe.models.install import WirelessModel, install
 from wdmoe.models.loading import load_checkpoint  # checks a folder before any process starts
 from wdmoe.models.split import split_model
+from wdmoe.planning.files import read_placement
 from wdmoe.runtime.bs import BaseStation, RuntimeSettings, fit_scenario
 from wdmoe.runtime.client import BSClient, BSError
 from wdmoe.runtime.device import ExpertKey
@@ -47,6 +49,19 @@ class ClusterError(WdmoeError):
 def round_robin(keys: Sequence[ExpertKey], devices: int, replicas: int = 1) -> list[list[ExpertKey]]:
     """Device u hosts expert e of every layer where (u − e) mod devices < replicas (pure; U lists)."""
     return [[k for k in keys if (u - k[1]) % devices < replicas] for u in range(devices)]
+
+
+def planned(keys: Sequence[ExpertKey], devices: int, placement: Path) -> list[list[ExpertKey]]:
+    """The U shard lists of a ``wdmoe plan`` placement file, checked against the cell's devices and
+    the model's shards ``keys`` (ConfigError naming the file otherwise)."""
+    layers = sorted({k[0] for k in keys})
+    experts = len({k[1] for k in keys})
+    f = read_placement(placement, devices, len(layers), experts)
+    if sorted(f.layers) != layers:
+        raise ConfigError(
+            f"placement file {str(placement)!r} places MoE layers {list(f.layers)}, the model has {layers}"
+        )
+    return [list(s) for s in f.shards]
 
 
 def shard_key(path: Path) -> ExpertKey:
@@ -134,12 +149,16 @@ class Cluster:
         metrics_log: Path | None = None,
         ready_s: float = 180.0,
         dashboard: str | None = None,
+        placement: Path | None = None,
     ) -> None:
         if devices < 1:
             raise ConfigError(f"--devices must be ≥ 1, got {devices}")
         if not 1 <= replicas <= devices:
             raise ConfigError(f"--replicas must be in 1..{devices} (the devices), got {replicas}")
         self.spec, self.num_devices, self.replicas = model, devices, replicas
+        if placement is not None and replicas != 1:
+            raise ConfigError("--replicas and --placement exclude each other: the file lists every replica")
+        self.placement = placement  # a `wdmoe plan` file: its shard lists instead of round-robin
         self.settings = settings or RuntimeSettings()
         self.scenario_name = scenario
         self.overrides = [*overrides, f"cell.num_devices={devices}"]
@@ -183,7 +202,13 @@ class Cluster:
         self._tmp = tempfile.TemporaryDirectory(prefix="wdmoe-cluster-")
         folder = Path(self._tmp.name)
         by_key = {shard_key(p): p for p in split_model(net, folder)}
-        for u, keys in enumerate(round_robin(sorted(by_key), self.num_devices, self.replicas)):
+        keys_all = sorted(by_key)
+        lists = (
+            round_robin(keys_all, self.num_devices, self.replicas)
+            if self.placement is None
+            else planned(keys_all, self.num_devices, self.placement)
+        )
+        for u, keys in enumerate(lists):
             paths = [by_key[k] for k in keys]
             log = folder / f"device{u}.log"
             self.devices.append(DeviceProcess(u, paths, keys, free_port(), log, self.delays_ms.get(u, 0.0)))

@@ -35,7 +35,17 @@ from wdmoe.runtime import api, dataplane
 from wdmoe.runtime.dataplane import Refused, StreamServer
 from wdmoe.runtime.security import TLSFiles, bearer, open_channel
 from wdmoe.runtime.server import freeze_heap, start_server
-from wdmoe.runtime.wire import ExpertRequest, ExpertResponse, WireError, decode_all, encode, encode_bundle
+from wdmoe.runtime.wire import (
+    ExpertRequest,
+    ExpertResponse,
+    WireError,
+    answer_format,
+    decode_all,
+    encode,
+    encode_bundle,
+    in_format,
+    value_of,
+)
 from wdmoe.types import ExpertKey
 
 log = logging.getLogger("wdmoe.device")
@@ -114,7 +124,7 @@ class DeviceWorker:
                 f"this device does not host layer {req.layer} expert {req.expert}; "
                 f"it hosts (layer, expert) {sorted(self.experts)}",
             )
-        x = req.hidden
+        x = value_of(req.hidden, req.scales)  # a scaled format's values decoded to float32
         if x.dim() != 2 or x.shape[1] != weights.hidden_size or not x.is_floating_point():
             raise Refused(
                 "INVALID_ARGUMENT",
@@ -122,8 +132,10 @@ class DeviceWorker:
             )
         start = time.perf_counter()
         with torch.no_grad():
-            y = run_expert(weights, x.to(weights.down.dtype)).to(x.dtype)
-        return ExpertResponse(req.request_id, y, time.perf_counter() - start)
+            y = run_expert(weights, x.to(weights.down.dtype))
+            fmt = answer_format(req)  # the answer's wire format: the one asked for, else the request's
+            outputs, scales = in_format(y, fmt) if fmt else (y.to(x.dtype), None)
+        return ExpertResponse(req.request_id, outputs, time.perf_counter() - start, scales)
 
     def handler(self) -> Any:
         method = grpc.unary_unary_rpc_method_handler(self.run_expert)  # bytes in, bytes out

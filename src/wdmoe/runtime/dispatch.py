@@ -108,7 +108,7 @@ class DeviceDispatcher:
         fwd.layers.append(priced)
         budget = s.time_scale * priced.budget_s  # wall seconds: DeadlineRule.budgets_s
         dl, ul = self.link_delays(calls, fwd, priced)
-        self.links.fan_out(calls, dl, ul, budget)
+        self.links.fan_out(calls, dl, ul, budget, snap.view.cost.formats)
         modelled = priced.latency.devices.total_s - (0.0 if overhead is None else overhead)  # without ô
         span = (start, time.monotonic())
         self.registry.note_overheads(*self.links.overhead_samples(calls, modelled, s.time_scale, span))
@@ -149,9 +149,10 @@ class DeviceDispatcher:
         if not self.settings.emulate_links:
             return dl, ul
         bytes_dl, bytes_ul = np.zeros(self.num_slots), np.zeros(self.num_slots)
+        cost = fwd.snap.view.cost
         for u, group in calls.items():
-            bytes_dl[u] = self.links.message_bytes(group, KIND_REQUEST)
-            bytes_ul[u] = self.links.message_bytes(group, KIND_RESPONSE)
+            bytes_dl[u] = self.links.message_bytes(group, KIND_REQUEST, cost.format_of(u))
+            bytes_ul[u] = self.links.message_bytes(group, KIND_RESPONSE, cost.format_of(u))
         band, true, scale = priced.bandwidth_hz, fwd.snap.true, self.settings.time_scale
         dl = scale * transfer_s(8 * bytes_dl, true.dl.rate_bps(band))
         # a link truly in outage carries nothing: its call runs into its deadline
@@ -173,7 +174,7 @@ class DeviceDispatcher:
                 again.setdefault(host.slot, []).append(Call(layer, c.expert, c.hidden, host))
         if again:
             zeros = np.zeros(self.num_slots)
-            self.links.fan_out(again, zeros, zeros, budget)
+            self.links.fan_out(again, zeros, zeros, budget, fwd.snap.view.cost.formats)
         return again
 
     def mark_down(self, c: Call) -> None:
@@ -220,13 +221,14 @@ class DeviceDispatcher:
     ) -> dict[int, torch.Tensor]:
         """Write one layer into the books; the outputs that came back."""
         outputs: dict[int, torch.Tensor] = {}
-        wire = self.links.wire_dtype
+        cost = fwd.snap.view.cost
         with self.books.lock:
             for u in calls:
                 self.books.stats[u].add_prediction(predicted, u, measured_s)
             for c in sent:
                 st = self.books.stats[c.device.slot]
                 st.calls += 1
+                wire = self.links.frame_format(cost.format_of(c.device.slot))
                 sent_bytes = encoded_size(tuple(c.hidden.shape), wire)
                 st.bytes_dl += sent_bytes
                 got_bytes = 0

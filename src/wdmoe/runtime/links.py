@@ -20,9 +20,9 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -45,6 +45,8 @@ from wdmoe.runtime.wire import (
     encode,
     encode_bundle,
     encoded_size,
+    in_format,
+    value_of,
 )
 
 T = TypeVar("T")
@@ -125,13 +127,22 @@ class Links:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def fan_out(
-        self, calls: dict[int, list[Call]], dl: np.ndarray, ul: np.ndarray, budget: np.ndarray
+        self,
+        calls: dict[int, list[Call]],
+        dl: np.ndarray,
+        ul: np.ndarray,
+        budget: np.ndarray,
+        formats: Sequence[str] = (),
     ) -> None:
-        """Every device's calls at once; returns when all are answered or late (seconds [U]). The
-        frames are encoded and the answers decoded here, in the caller's thread. Messages that can
-        travel on a direct lane (:meth:`lane_for`) are sent and awaited from this thread; the rest
-        go through the link loop, entered once per layer, meanwhile."""
-        messages = [self.message(g, float(dl[u]), float(ul[u]), float(budget[u])) for u, g in calls.items()]
+        """Every device's calls at once; returns when all are answered or late (seconds [U]); device
+        u's hidden states travel, both ways, in wire format ``formats[u]`` (none given: "none").
+        The frames are encoded and the answers decoded here, in the caller's thread. Messages that
+        can travel on a direct lane (:meth:`lane_for`) are sent and awaited from this thread; the
+        rest go through the link loop, entered once per layer, meanwhile."""
+        fmt = lambda u: formats[u] if formats else "none"  # noqa: E731
+        messages = [
+            self.message(g, float(dl[u]), float(ul[u]), float(budget[u]), fmt(u)) for u, g in calls.items()
+        ]
         direct = [m for m in messages if self.lane_for(m) is not None]
         rest = [m for m in messages if self.lane_for(m) is None]
         later = self.submit(self.exchange(rest)) if rest else None
@@ -156,15 +167,27 @@ class Links:
             m.reply, m.error, m.sent_s, m.answered_s = o.reply, o.error, o.sent_s, o.answered_s
 
     def message(
-        self, group: list[Call], dl_s: float = 0.0, ul_s: float = 0.0, budget_s: float = 1.0
+        self,
+        group: list[Call],
+        dl_s: float = 0.0,
+        ul_s: float = 0.0,
+        budget_s: float = 1.0,
+        fmt: str = "none",
     ) -> Message:
         """One device's experts in one message (a bundle when there are several); each frame's own
-        deadline is what is left of the budget once the downlink has carried it."""
+        deadline is what is left of the budget once the downlink has carried it. ``fmt``: the wire
+        format of the hidden states and of the answer (:mod:`wdmoe.formats`; "none": cast to
+        ``wire_dtype``, the answer in the same dtype)."""
         timeout_s = max(budget_s - dl_s, 1e-3)
-        reqs = [
-            ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
-            for c in group
-        ]
+        reqs = []
+        for c in group:
+            if fmt == "none":
+                reqs.append(
+                    ExpertRequest(c.layer, c.expert, c.hidden.to(self.wire_dtype), next(self.ids), timeout_s)
+                )
+                continue
+            values, scales = in_format(c.hidden, fmt)
+            reqs.append(ExpertRequest(c.layer, c.expert, values, next(self.ids), timeout_s, scales, fmt))
         frame = encode(reqs[0]) if len(reqs) == 1 else encode_bundle(list(reqs))
         return Message(group, reqs, frame, dl_s, ul_s, budget_s)
 
@@ -249,6 +272,8 @@ class Links:
         by_id = {r.request_id: r for r in responses if isinstance(r, ExpertResponse)}
         for c, req in zip(m.group, m.requests, strict=True):
             resp = by_id.get(req.request_id)
+            if resp is not None and resp.scales is not None:  # a scaled format: decoded to float32
+                resp = replace(resp, outputs=value_of(resp.outputs, resp.scales), scales=None)
             code, problem = answer_problem(resp, c.hidden)
             if resp is None or code:
                 c.code, c.message = code, problem
@@ -256,10 +281,14 @@ class Links:
                 c.outputs, c.compute_s = resp.outputs.to(c.hidden.dtype), resp.compute_s
                 c.answered_s = m.answered_s
 
-    def message_bytes(self, group: list[Call], kind: int) -> int:
-        """Bytes of the message carrying ``group`` (a frame, or a bundle of frames)."""
-        sizes = [encoded_size(tuple(c.hidden.shape), self.wire_dtype, kind) for c in group]
+    def message_bytes(self, group: list[Call], kind: int, fmt: str = "none") -> int:
+        """Bytes of the message carrying ``group`` (a frame, or a bundle of frames) in ``fmt``."""
+        sizes = [encoded_size(tuple(c.hidden.shape), self.frame_format(fmt), kind) for c in group]
         return sizes[0] if len(sizes) == 1 else bundle_size(sizes)
+
+    def frame_format(self, fmt: str) -> torch.dtype | str:
+        """What :func:`~wdmoe.runtime.wire.encoded_size` sizes a frame in ``fmt`` by."""
+        return self.wire_dtype if fmt == "none" else fmt
 
     async def send(self, device: DeviceEntry, frame: bytes, timeout_s: float) -> bytes:
         """The device's reply to ``frame``: on its data plane when it has one and ours is ``stream``,

@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 
 from wdmoe.config import check_choice, check_range
+from wdmoe.formats import FORMATS
 from wdmoe.latency.deadline import MODES, DeadlineRule
 from wdmoe.runtime.wire import DTYPES
 
 __all__ = ["DATA_PLANES", "MODES", "WIRE_DTYPES", "RuntimeSettings"]
 DATA_PLANES = ("stream", "grpc")
 WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values() if d.is_floating_point}
+WIRE_FORMATS = sorted({*WIRE_DTYPES, *FORMATS, "adaptive"})  # what ``wire_dtype`` may name
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,9 @@ class RuntimeSettings:
     run from the BS's local copy (``fallback``). slack, grace_s: the deadline of a device call is
     time_scale·slack·t_u(estimate) + grace_s wall seconds (capped at max_wait_s).
     emulate_links: wait out the channel's DL/UL delays; time_scale: wall seconds per simulated second
-    (0.001 runs an hour of cell in 3.6 s). wire_dtype: how hidden states travel (float32 is exact).
+    (0.001 runs an hour of cell in 3.6 s). wire_dtype: how hidden states travel (float32 is exact),
+    a dtype or a wire format of :mod:`wdmoe.formats` (int8, fp8: with row scales; ``adaptive``: per
+    device and layer by the scenario's ``wire.adaptive_*`` rule on the BS's channel estimate).
     bench_after: failed calls in a row that bench a device for bench_s (doubling while it keeps
     failing its probes, up to 60 s). max_active: generations served at once; max_queue: requests
     that may wait for a turn beyond those (more are refused with RESOURCE_EXHAUSTED). data_plane:
@@ -64,7 +68,7 @@ class RuntimeSettings:
         DeadlineRule(self.mode, self.slack, self.grace_s, self.max_wait_s)  # validates them
         check_choice("data_plane", self.data_plane, list(DATA_PLANES))
         check_choice("software_overhead", self.software_overhead, ["none", "measured"])
-        check_choice("wire_dtype", self.wire_dtype, sorted(WIRE_DTYPES))
+        check_choice("wire_dtype", self.wire_dtype, WIRE_FORMATS)
         check_range("time_scale", self.time_scale, 0.0, 1e6, lo_open=True)
         check_range("heartbeat_s", self.heartbeat_s, 0.01, 3600.0)
         check_range("bench_after", self.bench_after, 1, 1e6)

@@ -19,13 +19,17 @@ PAPER_THETAS = (0.05, 0.1, 0.2, 0.3)
 # / machine loaded by other jobs): arc_easy 0.7 / 1.2, piqa 0.8 / 1.7, winogrande 0.3 / 0.9, boolq
 # 2.5 / 5.7, arc_challenge 0.6 / 1.3, gsm8k ≈ 0.1 / 0.2 s per new token. × 10 configs: 20 items and
 # 2 GSM8K questions of ≤ 96 tokens take ≈ 20 min (quiet) to ≈ 42 min (loaded); the study ≈ 1 min.
-# Beyond the paper (issue 14): published baselines and the straggler-aware policy, each at the
-# setting its measurements chose (benchmarks/dominance.py); `--beyond dynskip,capacity,marginal`.
+# Beyond the paper (issue 14), `--beyond NAME,…`: published baselines and the straggler-aware
+# policy, each at the setting its measurements chose (benchmarks/dominance.py), and two cell
+# variants run with WDMoE at θ = 0.1 (or the first θ): activations sized to the link (the adaptive
+# wire format) and experts placed by `wdmoe plan` (needs --placement FILE).
 BEYOND: dict[str, tuple[str, dict[str, Any]]] = {
     "dynskip": ("dynskip", {"calibration": "default"}),  # arXiv 2402.14800, β_l on calibration text
     "capacity": ("capacity", {"gamma": 1.0}),  # arXiv 2503.05066, score-based drop
     "marginal": ("marginal", {"price_per_ms": 0.3, "protect_top1": False}),
 }
+BEYOND_CELLS = ("adaptive", "placement")
+Variant = tuple[str, dict[str, Any], tuple[str, ...]]  # policy, its params, scenario overrides
 DEFAULT_LIMIT = 20
 DEFAULT_GSM8K_LIMIT = 2
 DEFAULT_MAX_NEW_TOKENS = 96
@@ -59,11 +63,17 @@ class ReproduceSettings:
     study_thetas: tuple[float, ...] = STUDY_THETAS
     study_presets: tuple[str, ...] = STUDY_PRESETS
     beyond: tuple[str, ...] = ()
+    placement: Path | None = None
 
     def __post_init__(self) -> None:
-        unknown = [b for b in self.beyond if b not in BEYOND]
+        allowed = (*BEYOND, *BEYOND_CELLS)
+        unknown = [b for b in self.beyond if b not in allowed]
         if unknown:
-            raise ConfigError(f"--beyond {','.join(unknown)}: unknown; allowed: {', '.join(BEYOND)}")
+            raise ConfigError(f"--beyond {','.join(unknown)}: unknown; allowed: {', '.join(allowed)}")
+        if "placement" in self.beyond and (self.placement is None or not Path(self.placement).is_file()):
+            raise ConfigError(
+                f"--beyond placement needs --placement FILE (a plan of `wdmoe plan`); got {self.placement}"
+            )
         if not self.tasks:
             raise ConfigError("--tasks is empty; give e.g. arc_easy,piqa")
         if not self.thetas or any(not 0.0 < t <= 1.0 for t in self.thetas):
@@ -114,11 +124,18 @@ def parse_task_limit(text: str) -> tuple[str, int]:
         ) from None
 
 
-def policies(settings: ReproduceSettings) -> list[tuple[str, dict[str, Any]]]:
-    """Vanilla topk, WDMoE-θ for each θ, then the ``beyond`` policies (:data:`BEYOND`)."""
-    wdmoe = [("wdmoe", {"theta": t, "k_scaled": settings.k_scaled}) for t in settings.thetas]
-    paper: list[tuple[str, dict[str, Any]]] = [("topk", {}), *wdmoe]
-    return paper + [BEYOND[b] for b in settings.beyond]
+def policies(settings: ReproduceSettings) -> list[Variant]:
+    """Vanilla topk, WDMoE-θ for each θ, then the ``beyond`` policies and cell variants."""
+    wdmoe = [("wdmoe", {"theta": t, "k_scaled": settings.k_scaled}, ()) for t in settings.thetas]
+    out: list[Variant] = [("topk", {}, ()), *wdmoe]
+    theta = 0.1 if 0.1 in settings.thetas else settings.thetas[0]
+    for name in settings.beyond:
+        if name in BEYOND:
+            out.append((*BEYOND[name], ()))
+            continue
+        cell = "wire.format=adaptive" if name == "adaptive" else f"cell.placement={settings.placement}"
+        out.append(("wdmoe", {"theta": theta, "k_scaled": settings.k_scaled}, (cell,)))
+    return out
 
 
 def is_generation(task: str) -> bool:
@@ -132,7 +149,13 @@ def sim_settings(allocator: str, seed: int) -> SimSettings:
 
 
 def point_for(
-    settings: ReproduceSettings, task: str, policy: str, params: dict, allocator: str, seed: int
+    settings: ReproduceSettings,
+    task: str,
+    policy: str,
+    params: dict,
+    allocator: str,
+    seed: int,
+    cell: tuple[str, ...] = (),
 ) -> EvalPoint:
     """The evaluation point of one (seed, task, policy, allocator); generation tasks get their own
     generation cap (the others keep the runner's default cap, unused by their scorers)."""
@@ -143,7 +166,7 @@ def point_for(
         model=settings.model,
         policy=PolicySpec(policy, params),
         scenario=settings.scenario,
-        overrides=settings.overrides,
+        overrides=(*settings.overrides, *cell),
         sim=sim_settings(allocator, seed),
         scoring=scoring,
         limit=settings.limit_for(task),
@@ -155,11 +178,11 @@ def plan(settings: ReproduceSettings) -> list[tuple[str, EvalPoint]]:
     """(task, point) in run order: seed → task → allocator → policy, so that an interrupted run
     leaves whole tables, all of the first seed first."""
     return [
-        (task, point_for(settings, task, name, params, allocator, seed))
+        (task, point_for(settings, task, name, params, allocator, seed, cell))
         for seed in settings.seeds
         for task in settings.tasks
         for allocator in settings.allocators
-        for name, params in policies(settings)
+        for name, params, cell in policies(settings)
     ]
 
 

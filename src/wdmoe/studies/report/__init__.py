@@ -4,7 +4,8 @@ Markdown (``markdown``) and plots (``plots``), written together by :func:`write_
 Input: the JSON Lines records of `wdmoe eval` / `wdmoe sweep` / `wdmoe reproduce` (schema:
 :func:`wdmoe.eval.results.make_record`); :mod:`wdmoe.studies.report.rows` says how rows are formed
 and compared. The records of `wdmoe load` (:mod:`wdmoe.studies.load_io`) add the "Latency under
-load" section (:mod:`wdmoe.studies.report.load`).
+load" section (:mod:`wdmoe.studies.report.load`); the `energy` allocator's trade-off study
+(``energy_tradeoff*.json``) the "Energy against latency" section (:mod:`wdmoe.studies.report.energy`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 from wdmoe.errors import ConfigError
 from wdmoe.serving.load import LoadRecord
+from wdmoe.studies.report.energy import ENERGY_PLOT_NAME, find_energy_files, write_energy_section
 from wdmoe.studies.report.load import (
     LOAD_PLOT_NAMES,
     find_load_files,
@@ -65,11 +67,13 @@ def write_report(
     folder: Path,
     title: str = "wdmoe report",
     load: Sequence[LoadRecord] = (),
+    energy: Sequence[Path] = (),
 ) -> Report:
     """``folder/report.md`` with a table per task, and the plots beside it; then, with ``load``
-    records (`wdmoe load`), the "Latency under load" section and its two plots. Either may be
-    empty, not both."""
-    if not records and not load:
+    records (`wdmoe load`), the "Latency under load" section and its two plots; with ``energy``
+    files (benchmarks/energy_tradeoff.py), the "Energy against latency" section and its plot. Any
+    may be empty, not all."""
+    if not records and not load and not energy:
         raise ConfigError("no records to report on")
     folder = Path(folder)
     rows = make_rows(records) if records else []
@@ -78,6 +82,9 @@ def write_report(
     if load:
         section, load_plots = write_load_section(load, folder)
         text, plots = f"{text}\n{section}", [*plots, *load_plots]
+    if energy:
+        section, energy_plots = write_energy_section(energy, folder)
+        text, plots = f"{text}\n{section}", [*plots, *energy_plots]
     markdown = folder / "report.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(text, encoding="utf-8")
@@ -85,6 +92,7 @@ def write_report(
 
 
 __all__ = [
+    "ENERGY_PLOT_NAME",
     "HEAVY_TAIL_RATIO",
     "LOAD_PLOT_NAMES",
     "NOTES",
@@ -96,6 +104,7 @@ __all__ = [
     "baseline",
     "check_record",
     "compare",
+    "find_energy_files",
     "find_load_files",
     "fronts",
     "highlights",
