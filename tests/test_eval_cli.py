@@ -94,6 +94,7 @@ def test_a_bad_line_before_the_end_is_an_error_naming_it(tmp_path):
         ((), "arc_easy,nope", "unknown task 'nope'"),
         (("--set", "cell.num_devices=lots"), "arc_easy", "cell.num_devices"),
         (("--policy", "topk", "--theta", "0.2"), "arc_easy", "does not take"),
+        (("--allocator", "energy", "--energy-slack", "-1"), "arc_easy", "sim.energy_slack"),
     ],
 )
 @needs_data

@@ -81,8 +81,11 @@ def eval_cmd(
         list[str] | None, typer.Option("--set", help="Override a scenario field: a.b=value.")
     ] = None,
     allocator: Annotated[
-        str, typer.Option(help="Bandwidth allocator: equal, minmax, proportional.")
+        str, typer.Option(help="Bandwidth allocator: equal, minmax, proportional, energy.")
     ] = "equal",
+    energy_slack: Annotated[
+        float, typer.Option(help="--allocator energy: least energy within (1 + s) × min-max's wait.")
+    ] = 0.1,
     seed: Annotated[int, typer.Option(help="Channel trace seed.")] = 0,
     placement: Annotated[
         Path | None,
@@ -138,6 +141,7 @@ def eval_cmd(
             sim=SimSettings(
                 allocator=allocator,
                 seed=seed,
+                energy_slack=energy_slack,
                 csi_delay_blocks=csi_delay_blocks,
                 csi_error_std_db=csi_error_db,
                 deadline=DeadlineRule(mode, slack, grace_ms / 1e3, max_wait_s),

@@ -87,7 +87,11 @@ def serve_bs_cmd(
     emulate_links: Annotated[bool, typer.Option(help="Wait out the channel's DL/UL delays.")] = False,
     time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second.")] = 1.0,
     wire_dtype: Annotated[
-        str, typer.Option(help="How hidden states travel: float32 (exact), bfloat16, float16.")
+        str,
+        typer.Option(
+            help="How hidden states travel: float32 (exact), bfloat16, float16, int8, fp8 "
+            "(row-scaled), adaptive (per device and layer by SNR)."
+        ),
     ] = "float32",
     heartbeat_s: Annotated[float, typer.Option(help="Device heartbeat period; 3 missed = gone.")] = 1.0,
     bench_after: Annotated[
