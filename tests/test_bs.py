@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -391,3 +392,17 @@ def parses_or_refuses(data: bytes) -> None:
             assert "message" in str(err) or "field" in str(err) or "Generate" in str(err), str(err)
             continue
         assert isinstance(value, kind)
+
+
+def test_the_policys_view_places_each_layers_experts_where_that_layer_put_them():
+    """A planned placement differs by layer: layer 0's expert 0 on slot 0, layer 1's on slot 1; the
+    view of each layer says so, the per-forward view (no layer) takes the fastest host of any layer."""
+    reg = DeviceRegistry(2, (0, 1), 2)
+    reg.register(0, "h:1", [(0, 0), (1, 1)])
+    reg.register(1, "h:2", [(0, 1), (1, 0)])
+    per_token_s = np.array([2.0, 1.0])
+    assert reg.expert_slots(per_token_s, 0) == [0, 1]
+    assert reg.expert_slots(per_token_s, 1) == [1, 0]
+    assert reg.expert_slots(per_token_s) == [1, 1]  # both slots host both experts in some layer
+    reg.register(1, "h:3", [(0, 1), (1, 0), (1, 1)])  # moved: a new version, a new index
+    assert reg.expert_slots(per_token_s, 1) == [1, 1]

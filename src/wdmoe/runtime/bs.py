@@ -163,13 +163,13 @@ class BaseStation:
         """Simulated cell time: wall seconds since start / time_scale."""
         return (time.monotonic() - self.t0) / self.settings.time_scale
 
-    def snapshot(self) -> tuple[CellSnapshot, np.ndarray]:
-        """The cell's snapshot now, with each expert on its best live device; one token's time per
-        slot on the BS's estimate (∞: the link is in outage)."""
+    def snapshot(self, layer: int | None = None) -> tuple[CellSnapshot, np.ndarray]:
+        """The cell's snapshot now, with each expert (of ``layer``, when given) on its best live
+        device; one token's time per slot on the BS's estimate (∞: the link is in outage)."""
         snap = self.cell.snapshot(self.sim_time_s())
         per_token = snap.per_token_s()
         self.dispatcher.per_token_s = per_token
-        return snap.placed(self.registry.expert_slots(per_token)), per_token
+        return snap.placed(self.registry.expert_slots(per_token, layer)), per_token
 
     def begin_forward(self, requests: list[RequestStats], row_tokens: int = 1) -> Forward:
         """The forward it opens on the cell now, serving ``requests`` (one per row)."""
@@ -179,7 +179,7 @@ class BaseStation:
         """The view a layer's policy decides on: the cell when the layer starts (the channel moves
         during a forward); the layer's calls are priced and settled on the same snapshot."""
         fwd = self.dispatcher.current
-        snap, per_token = self.snapshot()
+        snap, per_token = self.snapshot(layer)
         if fwd is not None:
             fwd.snap, fwd.per_token_s = snap, per_token
         return snap.view

@@ -82,7 +82,8 @@ class DeviceRegistry:
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
         self.version = 0  # bumped by every change that can change who is usable (see epoch)
-        self.kept_slots: tuple[Any, int, tuple[int, ...]] | None = None  # expert_slots' last answer
+        self.kept_slots: tuple[Any, tuple[int, int | None], tuple[int, ...]] | None = None  # expert_slots'
+        self.kept_hosts: tuple[int, dict[tuple[int | None, int], list[DeviceEntry]]] | None = None
 
     def changed(self) -> None:
         """Under the lock: something changed who is usable."""
@@ -245,27 +246,41 @@ class DeviceRegistry:
         hosts = [d for d in self.hosts(key) if math.isfinite(per_token_s[d.slot])]
         return min(hosts, key=lambda d: (per_token_s[d.slot], d.slot)) if hosts else None
 
-    def expert_slots(self, per_token_s: Any) -> list[int]:
+    def expert_slots(self, per_token_s: Any, layer: int | None = None) -> list[int]:
         """For the policy's view (one device per expert): per expert e, the best usable slot hosting
-        e in any layer, else any slot hosting it, else e mod U. Asked once per layer with the same
-        times (one cell snapshot's) the answer is kept while who is usable stays the same (epoch)."""
+        (``layer``, e) — a planned placement differs by layer — or e in any layer (``layer`` None,
+        or no host of that layer's shard), else any slot hosting it, else e mod U. Asked again with
+        the same times (one cell snapshot's) and layer, the answer is kept while who is usable
+        stays the same (epoch)."""
         version, until = self.epoch()
         kept = self.kept_slots
-        if kept is not None and kept[0] is per_token_s and kept[1] == version and self.clock() < until:
+        same = kept is not None and kept[0] is per_token_s and kept[1] == (version, layer)
+        if kept is not None and same and self.clock() < until:
             return list(kept[2])
-        slots = self._expert_slots(per_token_s)
-        self.kept_slots = (per_token_s, version, tuple(slots))
+        slots = self._expert_slots(per_token_s, self.hosting(version), layer)
+        self.kept_slots = (per_token_s, (version, layer), tuple(slots))
         return slots
 
-    def _expert_slots(self, per_token_s: Any) -> list[int]:
-        now = self.clock()
-        by_expert: dict[int, list[DeviceEntry]] = {e: [] for e in range(self.num_experts)}
+    def hosting(self, version: int) -> dict[tuple[int | None, int], list[DeviceEntry]]:
+        """Devices hosting each (layer, e) and each (None, e): e in any layer; kept per version."""
+        if self.kept_hosts is not None and self.kept_hosts[0] == version:
+            return self.kept_hosts[1]
+        index: dict[tuple[int | None, int], list[DeviceEntry]] = {}
         for d in self.devices.values():
+            for key in sorted(d.experts):
+                index.setdefault(key, []).append(d)
             for e in sorted({k[1] for k in d.experts}):
-                by_expert.setdefault(e, []).append(d)
+                index.setdefault((None, e), []).append(d)
+        self.kept_hosts = (version, index)
+        return index
+
+    def _expert_slots(
+        self, per_token_s: Any, index: dict[tuple[int | None, int], list[DeviceEntry]], layer: int | None
+    ) -> list[int]:
+        now = self.clock()
         slots = []
         for e in range(self.num_experts):
-            hosting = by_expert[e]
+            hosting = index.get((layer, e)) or index.get((None, e), [])
             live = [d for d in hosting if self.usable(d, now)]
             pool = live or hosting
             best = min(pool, key=lambda d: (per_token_s[d.slot], d.slot)) if pool else None
