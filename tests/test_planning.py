@@ -219,3 +219,16 @@ def test_cli_plan_writes_a_placement_file_and_names_bad_budgets(folder, tmp_path
         app, ["eval", "--tasks", "arc_easy", "--model", str(folder), "--placement", str(tmp_path / "no.json")]
     )
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_the_dashboard_lists_each_devices_planned_shards(tmp_path):
+    from wdmoe.dashboard.sim import hosted
+
+    primary = np.array([[2] * 8, [5, 5, 5, 5, 2, 2, 2, 2]])
+    path = file_for(primary, [0, 1], 8, tmp_path)
+    wm = install(tiny_model("mixtral"))
+    planned = Simulation(wm, load_scenario("paper", [*TINY, f"cell.placement={path}"]), SimSettings(seed=1))
+    assert hosted(planned, 2) == [f"0:{e}" for e in range(8)] + ["1:4", "1:5", "1:6", "1:7"]
+    assert hosted(planned, 5) == ["1:0", "1:1", "1:2", "1:3"] and hosted(planned, 0) == []
+    plain = Simulation(wm, load_scenario("paper", TINY), SimSettings(seed=1))
+    assert hosted(plain, 3) == ["*:3"]

@@ -71,16 +71,27 @@ class SimFeed:
         )
 
 
+def hosted(sim: Simulation, slot: int) -> list[str]:
+    """The shards device ``slot`` hosts, as "layer:expert": a planned placement's (``cell.placement``,
+    per layer), else "*:e" for expert e of every layer (expert e on device e mod U)."""
+    if sim.placement is not None:
+        return [
+            f"{layer}:{e}"
+            for layer, row in sorted(sim.placement.items())
+            for e in np.flatnonzero(row == slot)
+        ]
+    placement = np.asarray(sim.cell.snapshot(sim.time_s).view.placement)  # expert → slot [E], all layers
+    return [f"*:{e}" for e in np.flatnonzero(placement == slot)]
+
+
 @contextlib.contextmanager
 def watching(sim: Simulation, hub: Hub, label: str, pace_s: float = 0.0) -> Iterator[SimFeed]:
     """Publish ``sim``'s forwards on ``hub`` while inside (enter it inside ``sim.attached()``)."""
     feed = SimFeed(sim, hub, label, pace_s)
     hub.publish("run", {"label": label})
-    placement = np.asarray(sim.cell.snapshot(sim.time_s).view.placement)  # expert → slot [E], all layers
-    slots = range(sim.scenario.cell.num_devices)
     rows = [
-        {"slot": u, "state": "simulated", "experts": [f"*:{e}" for e in np.flatnonzero(placement == u)]}
-        for u in slots
+        {"slot": u, "state": "simulated", "experts": hosted(sim, u)}
+        for u in range(sim.scenario.cell.num_devices)
     ]
     hub.publish("devices", {"devices": rows})
     with sim.wm.attach(feed):
