@@ -24,17 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IDS = torch.randint(4, 120, (1, 7), generator=torch.Generator().manual_seed(11))
 
 
-@pytest.mark.parametrize("allocator", ["equal", "minmax"])
+@pytest.mark.parametrize("allocator", ["equal", "minmax", "energy"])
 def test_the_simulator_and_the_bs_price_a_forward_alike(lab_factory, allocator):
     """A forward through 8 loopback devices with emulated links, and the same forward simulated on
     the BS's scenario and trace: the same per-layer waits and total, from the same function."""
-    settings = RuntimeSettings(emulate_links=True, allocator=allocator)
+    settings = RuntimeSettings(emulate_links=True, allocator=allocator, energy_slack=0.3)
     still = ["channel.coherence_s=10", "mobility.model=static"]  # one fading block for the test
     lab = lab_factory(devices=8, settings=settings, overrides=still)
     lab.bs.t0 = time.monotonic()  # the BS's clock at 0, as the simulator's: both in block 0
     lab.wm.model(IDS)
     at_bs = lab.bs.last_priced
-    sim = Simulation(lab.ref, lab.bs.scenario, SimSettings(allocator=allocator))
+    sim = Simulation(lab.ref, lab.bs.scenario, SimSettings(allocator=allocator, energy_slack=0.3))
     with sim.attached():
         lab.ref.model(IDS)
     step = sim.records[-1]

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wdmoe.allocation import make_allocator
-from wdmoe.allocation.energy import MAX_SLACK, energy_params
+from wdmoe.allocation import allocator_for
+from wdmoe.allocation.energy import MAX_SLACK
 from wdmoe.channel.units import FloatArray
 from wdmoe.config import ScenarioConfig, check_range
 from wdmoe.errors import ConfigError
@@ -116,8 +116,7 @@ class Simulation:
         csi = Csi(s.csi_delay_blocks, s.csi_error_std_db)
         self.cell = Cell(self.scenario, s.trace_blocks, seed, csi, wrap=True)
         self.placement = scenario_placement(self.scenario, sorted(self.wm.blocks))  # cell.placement
-        params = energy_params(self.scenario, s.energy_slack) if s.allocator == "energy" else {}
-        self.allocator = make_allocator(s.allocator, **params)  # "energy": priced by the cell's radios
+        self.allocator = allocator_for(s.allocator, self.scenario, s.energy_slack)
         self.time_s = 0.0
         self.context_tokens = 0
         self.current: Pass | None = None

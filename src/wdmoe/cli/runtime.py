@@ -80,6 +80,9 @@ def serve_bs_cmd(
     param: Annotated[list[str] | None, typer.Option(help="Policy parameter NAME=VALUE (repeatable).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Router candidates per token.")] = None,
     allocator: Annotated[str, typer.Option(help="Bandwidth allocator per layer.")] = "equal",
+    energy_slack: Annotated[
+        float, typer.Option(help="--allocator energy: least energy within (1 + s) × min-max's wait.")
+    ] = 0.1,
     mode: ModeOpt = "drop",
     slack: SlackOpt = 3.0,
     grace_ms: GraceMsOpt = 250.0,
@@ -132,6 +135,7 @@ def serve_bs_cmd(
             policy,
             param or [],
             allocator=allocator,
+            energy_slack=energy_slack,
             mode=mode,
             slack=slack,
             grace_s=grace_ms / 1e3,
@@ -256,6 +260,9 @@ def cluster_cmd(
     policy: Annotated[str, typer.Option(help="Expert selection policy.")] = "topk",
     param: Annotated[list[str] | None, typer.Option(help="Policy parameter NAME=VALUE (repeatable).")] = None,
     allocator: Annotated[str, typer.Option(help="Bandwidth allocator per layer.")] = "equal",
+    energy_slack: Annotated[
+        float, typer.Option(help="--allocator energy: least energy within (1 + s) × min-max's wait.")
+    ] = 0.1,
     mode: Annotated[str, typer.Option(help="wait, drop or fallback.")] = "drop",
     replicas: Annotated[int, typer.Option(help="Devices holding each expert.")] = 1,
     placement: Annotated[
@@ -279,6 +286,7 @@ def cluster_cmd(
     try:
         fields = {
             "allocator": allocator,
+            "energy_slack": energy_slack,
             "mode": mode,
             "emulate_links": emulate_links,
             "time_scale": time_scale,

@@ -125,7 +125,7 @@ def settings_args(s: RuntimeSettings) -> list[str]:
     args += ["--bench-after", str(s.bench_after), "--bench-s", str(s.bench_s)]
     args += ["--max-active", str(s.max_active), "--max-queue", str(s.max_queue)]
     args += ["--emulate-links" if s.emulate_links else "--no-emulate-links", "--data-plane", s.data_plane]
-    args += ["--software-overhead", s.software_overhead]
+    args += ["--software-overhead", s.software_overhead, "--energy-slack", str(s.energy_slack)]
     for key, value in s.params.items():
         args += ["--param", f"{key}={value}"]
     return args

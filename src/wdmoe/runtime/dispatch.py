@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wdmoe.allocation import make_allocator
+from wdmoe.allocation import allocator_for
 from wdmoe.config import ScenarioConfig
 from wdmoe.errors import WdmoeError
 from wdmoe.latency import DeviceTimes, transfer_s
@@ -84,7 +84,7 @@ class DeviceDispatcher:
         self.settings, self.scenario, self.registry = settings, scenario, registry
         self.books, self.links, self.local = books, links, local
         self.num_slots = scenario.cell.num_devices
-        self.allocator = make_allocator(settings.allocator)
+        self.allocator = allocator_for(settings.allocator, scenario, settings.energy_slack)
         self.current: Forward | None = None
         self.per_token_s = np.zeros(self.num_slots)  # the last forward's, for probes
         self.watcher = links.submit(self.watch())

@@ -147,7 +147,7 @@ def hello(bs: "BaseStation") -> list[Event]:
 def apply_control(bs: "BaseStation", request: dict[str, Any]) -> dict[str, Any]:
     """Switch the policy (and its parameters) and the allocator between two forwards: the next
     forward (every request's next step) runs with them. Raises ConfigError for a bad value."""
-    from wdmoe.allocation import make_allocator
+    from wdmoe.allocation import allocator_for
     from wdmoe.policies import make_policy
 
     unknown = set(request) - {"policy", "params", "allocator"}
@@ -160,7 +160,7 @@ def apply_control(bs: "BaseStation", request: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"params must be an object of NAME: value, got {params!r}")
     policy = make_policy(name, **params)
     allocator_name = str(request.get("allocator", s.allocator))
-    allocator = make_allocator(allocator_name)
+    allocator = allocator_for(allocator_name, bs.scenario, s.energy_slack)
     with bs.forward_lock:  # never in the middle of a forward
         bs.wm.set_policy(policy)
         bs.dispatcher.allocator = allocator

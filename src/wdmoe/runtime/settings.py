@@ -63,6 +63,7 @@ class RuntimeSettings:
     trace_blocks: int = 20000
     data_plane: str = "stream"
     software_overhead: str = "none"
+    energy_slack: float = 0.1
 
     def __post_init__(self) -> None:
         DeadlineRule(self.mode, self.slack, self.grace_s, self.max_wait_s)  # validates them
@@ -76,6 +77,7 @@ class RuntimeSettings:
         check_range("max_active", self.max_active, 1, 4096)
         check_range("max_queue", self.max_queue, 0, 1e6)
         check_range("trace_blocks", self.trace_blocks, 1, 1e8)
+        check_range("energy_slack", self.energy_slack, 0.0, 100.0)
 
     @property
     def deadline(self) -> DeadlineRule:
