@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wdmoe.allocation.base import ALLOCATORS, Allocation
-from wdmoe.allocation.minmax import _Airtime, _airtime, _PowerTerm, inverse_bandwidth, solve_minmax
+from wdmoe.allocation.minmax import _Airtime, _PowerTerm, inverse_bandwidth, layer_optimum
 from wdmoe.channel.state import ChannelState, Link
 from wdmoe.channel.units import BoolArray, FloatArray, dbm_to_w
 from wdmoe.config import check_range
@@ -182,12 +182,11 @@ class EnergyAllocator:
         check_range("energy allocator slack", self.slack, 0.0, MAX_SLACK)
 
     def allocate(self, demand: LayerDemand, channel: ChannelState) -> Allocation:
-        active = demand.active
         bandwidth_hz = np.zeros(channel.num_devices)
-        if not active.any():
+        opt = layer_optimum(demand, channel)
+        if opt is None:
             return Allocation(bandwidth_hz, self.name)
-        air, fixed_s = _airtime(demand, channel, active), demand.fixed_s[active]
-        optimum = solve_minmax(air, fixed_s, channel.bandwidth_hz)
+        active, air, fixed_s, optimum = opt.active, opt.air, opt.fixed_s, opt.solution
         if self.slack == 0.0:
             bandwidth_hz[active] = optimum.bandwidth_hz
             return Allocation(bandwidth_hz, self.name)

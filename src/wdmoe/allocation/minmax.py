@@ -157,6 +157,26 @@ def solve_minmax(air: _Airtime, fixed_s: FloatArray, band_hz: float) -> _Solutio
     raise AssertionError(f"minmax did not converge: T in [{t_lo}, {t_hi}]")
 
 
+@dataclass(frozen=True)
+class LayerOptimum:
+    """A layer's min–max optimum: its active devices [U], their air time and fixed seconds [A], and
+    the common finish T* with the bandwidths B_u(T*) [A]."""
+
+    active: BoolArray
+    air: _Airtime
+    fixed_s: FloatArray
+    solution: _Solution
+
+
+def layer_optimum(demand: LayerDemand, channel: ChannelState) -> LayerOptimum | None:
+    """The min–max optimum of one layer's demand on ``channel`` (None: no device is active)."""
+    active = demand.active
+    if not active.any():
+        return None
+    air, fixed_s = _airtime(demand, channel, active), demand.fixed_s[active]
+    return LayerOptimum(active, air, fixed_s, solve_minmax(air, fixed_s, channel.bandwidth_hz))
+
+
 @ALLOCATORS.register("minmax")
 @dataclass(frozen=True)
 class MinMax:
@@ -167,15 +187,14 @@ class MinMax:
     name: str = "minmax"
 
     def allocate(self, demand: LayerDemand, channel: ChannelState) -> Allocation:
-        active = demand.active
         bandwidth_hz = np.zeros(channel.num_devices)
-        if not active.any():
+        opt = layer_optimum(demand, channel)
+        if opt is None:
             return Allocation(bandwidth_hz, self.name)
-        air, fixed_s = _airtime(demand, channel, active), demand.fixed_s[active]
-        solution = solve_minmax(air, fixed_s, channel.bandwidth_hz)
-        if self.deadline_s is not None and solution.finish_s > self.deadline_s * (1 + 1e-9):
-            self._infeasible(solution.finish_s, fixed_s + air.floor_s, np.flatnonzero(active))
-        bandwidth_hz[active] = solution.bandwidth_hz
+        finish_s = opt.solution.finish_s
+        if self.deadline_s is not None and finish_s > self.deadline_s * (1 + 1e-9):
+            self._infeasible(finish_s, opt.fixed_s + opt.air.floor_s, np.flatnonzero(opt.active))
+        bandwidth_hz[opt.active] = opt.solution.bandwidth_hz
         return Allocation(bandwidth_hz, self.name)
 
     def _infeasible(self, finish_s: float, floor_s: FloatArray, devices: NDArray[np.intp]) -> NoReturn:

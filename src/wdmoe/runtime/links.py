@@ -143,8 +143,9 @@ class Links:
         messages = [
             self.message(g, float(dl[u]), float(ul[u]), float(budget[u]), fmt(u)) for u, g in calls.items()
         ]
-        direct = [m for m in messages if self.lane_for(m) is not None]
-        rest = [m for m in messages if self.lane_for(m) is None]
+        lanes = [self.lane_for(m) for m in messages]
+        direct = [(m, lane) for m, lane in zip(messages, lanes, strict=True) if lane is not None]
+        rest = [m for m, lane in zip(messages, lanes, strict=True) if lane is None]
         later = self.submit(self.exchange(rest)) if rest else None
         if direct:
             self.run_direct(direct)
@@ -160,10 +161,10 @@ class Links:
         plain = self.data_plane == "stream" and self.tls is None and not (m.dl_s or m.ul_s)
         return device.data_address if plain and device.data_address else None
 
-    def run_direct(self, messages: list[Message]) -> None:
-        """The messages on their devices' direct lanes (from this thread)."""
-        jobs = [(m.group[0].device.address, self.lane_for(m) or "", m.frame, m.budget_s) for m in messages]
-        for m, o in zip(messages, self.lanes.run(jobs), strict=True):
+    def run_direct(self, routed: list[tuple[Message, str]]) -> None:
+        """The messages on their devices' direct lanes (each with its data address; from this thread)."""
+        jobs = [(m.group[0].device.address, lane, m.frame, m.budget_s) for m, lane in routed]
+        for (m, _), o in zip(routed, self.lanes.run(jobs), strict=True):
             m.reply, m.error, m.sent_s, m.answered_s = o.reply, o.error, o.sent_s, o.answered_s
 
     def message(
