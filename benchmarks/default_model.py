@@ -31,7 +31,7 @@ PROMPT = "Explain why the sky is blue to a ten-year-old."
 
 
 def build_in_child() -> dict:
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory(prefix="wdmoe-bench-cache-") as cache:
         code = (
             "import json, resource, time; t = time.perf_counter()\n"
             "from wdmoe.models.default import build_default\n"

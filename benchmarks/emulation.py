@@ -170,7 +170,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     if not args.skip_tiny:
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(prefix="wdmoe-emulation-") as folder:
             by_key = {shard_key(p): p for p in split_model(tiny_model("mixtral"), Path(folder))}
             rows = [run_case(by_key, b, s) for b, s in CASES]
     print(

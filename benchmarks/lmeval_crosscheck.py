@@ -46,7 +46,7 @@ def lmeval_scores(net: Any, tok: Any, data_dir: Path, limit: int) -> dict[str, d
 
     lm = HFLM(pretrained=net, tokenizer=tok, batch_size=16)
     out = {}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(prefix="wdmoe-lmeval-xcheck-") as folder:
         manager = local_task_manager(Path(folder), data_dir, include_defaults=False)
         for name in TASKS:
             t0 = time.perf_counter()

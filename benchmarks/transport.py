@@ -999,7 +999,7 @@ def main() -> None:
     started = time.perf_counter()
     d, cases = default_cases(args.devices)
     try:
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(prefix="wdmoe-transport-") as folder:
             out = run(args, d, cases, Path(folder))
     except KeyboardInterrupt:
         sys.exit("interrupted: the device processes are stopped, nothing written")
