@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wdmoe.eval.multiple_choice import paired_difference
 from wdmoe.eval.results import append_record, read_records
 from wdmoe.policies.dynskip import calibrate, weight_ratios
 from wdmoe.simulate import SimSettings
@@ -108,6 +109,13 @@ def summary(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def paired_se_points(base: dict[str, Any], chal: dict[str, Any]) -> float | None:
+    """The paired standard error of Δacc in points, from both records' per-item outcomes (None
+    for records written before outcomes were recorded)."""
+    a, b = (r.get("outcomes", {}).get("acc") for r in (base, chal))
+    return None if not a or not b else 100 * paired_difference(a, b)[1]
+
+
 def compare(
     records: list[dict[str, Any]], seed: int, theta: float, limit: int | None
 ) -> dict[str, Any] | None:
@@ -129,6 +137,7 @@ def compare(
             "speedup": speedup,
             "p50_speedup": b["p50_s"] / c["p50_s"],
             "delta_acc_points": delta,
+            "delta_acc_paired_se_points": paired_se_points(base, chal),
             "met": met,
         }
     met_all = all(t["met"] for t in tasks.values())
@@ -144,7 +153,7 @@ def compare(
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"\n{'seed':>4} {'θ':>4} {'task':<9} {'n':>5} {'policy':<44} {'acc ± se':>14} "
-        f"{'mean s':>7} {'p50 s':>6} {'exp/tok':>7} {'×mean':>6} {'×p50':>5} {'Δacc':>6} met"
+        f"{'mean s':>7} {'p50 s':>6} {'exp/tok':>7} {'×mean':>6} {'×p50':>5} {'Δacc ± paired se':<12} met"
     )
     for row in rows:
         name, params = row["challenger"]["name"], row["challenger"]["params"]
@@ -158,9 +167,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                     f"{s['experts_per_token']:>7.2f}"
                 )
                 if side == "challenger":
+                    se = t.get("delta_acc_paired_se_points")
                     line += (
-                        f" {t['speedup']:>6.2f} {t['p50_speedup']:>5.2f} {t['delta_acc_points']:>+6.1f} "
-                        f"{'yes' if t['met'] else 'no'}"
+                        f" {t['speedup']:>6.2f} {t['p50_speedup']:>5.2f} {t['delta_acc_points']:>+6.1f}"
+                        f"{'' if se is None else f' ± {se:.1f}':<6} {'yes' if t['met'] else 'no'}"
                     )
                 print(line)
         print(f"{'':>4} θ={row['theta']} seed {row['seed']}: target {'MET' if row['met'] else 'not met'}")

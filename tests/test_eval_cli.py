@@ -39,6 +39,8 @@ def test_a_run_writes_one_record_per_task_with_metrics_latency_and_config(ckpt, 
     assert [json.loads(line) for line in res.stdout.splitlines()] == records
     for r in records:
         assert r["n"] == 3 and 0 <= r["metrics"]["acc"] <= 1 and "acc" in r["stderr"]
+        hits = r["outcomes"]["acc"]  # each item's 0/1, so that two runs compare item by item
+        assert len(hits) == 3 and set(hits) <= {"0", "1"} and hits.count("1") / 3 == r["metrics"]["acc"]
         lat = r["latency"]
         assert lat["requests"] >= 1 and lat["p50_s"] <= lat["p95_s"] <= lat["p99_s"]
         assert lat["mean_s"] > 0 and 0 <= lat["drop_rate"] < 1 and 0 < lat["retained_mass"] <= 1

@@ -13,9 +13,9 @@ from wdmoe.eval import multiple_choice
 from wdmoe.eval.formats import register_jsonl_task
 from wdmoe.eval.generation import generate_batch, score_exact_match
 from wdmoe.eval.harness import EvalSettings, evaluate_task
-from wdmoe.eval.multiple_choice import score_partial
+from wdmoe.eval.multiple_choice import choice_scores, paired_difference, score_partial
 from wdmoe.eval.perplexity import score_last_word, score_perplexity, windows
-from wdmoe.eval.tasks import ContinuationItem, Document, GenerationItem, PartialItem
+from wdmoe.eval.tasks import ChoiceItem, ContinuationItem, Document, GenerationItem, PartialItem
 
 TEXT = (
     "the router is fast and the channel is slow so the base station sends the token to a device "
@@ -49,8 +49,20 @@ def test_winogrande_partial_scoring_matches_hand_loglikelihood(lm):
     assert score_partial(model, tok, [right]).acc == 1.0
     assert score_partial(model, tok, [wrong]).acc == 0.0
     both = score_partial(model, tok, [right, wrong, right], batch_size=2)
-    assert both.n == 3 and both.acc == pytest.approx(2 / 3)
+    assert both.n == 3 and both.acc == pytest.approx(2 / 3) and both.outcomes == "101"
     assert both.acc_stderr == pytest.approx(math.sqrt((2 / 3) * (1 / 3) / 2))
+
+
+def test_choice_outcomes_follow_the_items_and_pair_two_runs():
+    two = (" a", " bb")
+    items = [ChoiceItem("q", two, 0), ChoiceItem("q", two, 1), ChoiceItem("q", (" a",), 0)]
+    s = choice_scores(items, [-1.0, -2.0, -1.0, -2.0, -3.0])  # picks choice 0 of every item
+    assert s.outcomes == "101" and s.acc == pytest.approx(2 / 3)
+    # by hand: d = (0, +1, −1, 0) → mean 0, sample var 2/3, se √(2/3 / 4)
+    assert paired_difference("1010", "1100") == pytest.approx((0.0, math.sqrt(2 / 3 / 4)))
+    assert paired_difference("0000", "1111") == (1.0, 0.0)
+    with pytest.raises(ValueError, match="same items: 3 vs 4"):
+        paired_difference("101", "1010")
 
 
 def direct_nll(model, ids: list[int]) -> float:

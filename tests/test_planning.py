@@ -12,6 +12,7 @@ from tiny import TINY, save_tiny_checkpoint, tiny_model
 from wdmoe.cli import app
 from wdmoe.config import load_scenario
 from wdmoe.errors import ConfigError
+from wdmoe.eval.results import config_key
 from wdmoe.latency.devices import devices_for, effective_flops_per_s
 from wdmoe.models.install import install
 from wdmoe.planning.files import placement_dict, read_placement, write_placement
@@ -25,6 +26,7 @@ from wdmoe.planning.optimise import (
     round_robin_placement,
 )
 from wdmoe.simulate import SimSettings, Simulation
+from wdmoe.studies.runner import EvalPoint
 
 runner = CliRunner()
 
@@ -177,6 +179,19 @@ def test_simulator_prices_every_layer_on_its_planned_devices(tmp_path):
         assert busy.tolist() == [2 if layer == 0 else 5] and tokens.sum() == 7 * 2
     with pytest.raises(ConfigError, match="is for 8 devices, but this run has 4"):
         Simulation(wm, load_scenario("paper", [*TINY, "cell.num_devices=4", f"cell.placement={path}"]))
+
+
+def test_a_records_key_follows_the_placement_files_contents(tmp_path):
+    """Re-planning into the same file must not let a resumed eval reuse the old plan's records."""
+    path = file_for(np.array([[2] * 8, [5] * 8]), [0, 1], 8, tmp_path)
+    point = EvalPoint(overrides=(*TINY, f"cell.placement={path}"))
+    cfg = point.load_scenario()
+    before = config_key(point.resolved(cfg, 2), "arc_easy")
+    assert config_key(point.resolved(cfg, 2), "arc_easy") == before
+    file_for(np.array([[1] * 8, [5] * 8]), [0, 1], 8, tmp_path)  # same path, another plan
+    assert config_key(point.resolved(cfg, 2), "arc_easy") != before
+    bare = EvalPoint(overrides=TINY)
+    assert "placement_sha256" not in bare.resolved(bare.load_scenario(), 2)  # older keys hold
 
 
 @pytest.fixture(scope="module")

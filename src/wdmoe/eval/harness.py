@@ -43,6 +43,7 @@ class TaskResult:
     n: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     stderr: Mapping[str, float] = field(default_factory=dict)
+    outcomes: str = ""  # each item's 0/1 under acc, in item order ("" where the kind has none)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -75,10 +76,10 @@ def score_items(
             model, tok, seq, max_length=settings.max_length, stride=settings.stride, batch_size=b
         )
     values = asdict(scores)
-    n = values.pop("n")
+    n, outcomes = values.pop("n"), values.pop("outcomes", "")
     metrics = {k: v for k, v in values.items() if not k.endswith("_stderr")}
     errs = {k.removesuffix("_stderr"): v for k, v in values.items() if k.endswith("_stderr")}
-    return TaskResult(task.name, task.kind, n, metrics, errs)
+    return TaskResult(task.name, task.kind, n, metrics, errs, outcomes)
 
 
 def evaluate_task(

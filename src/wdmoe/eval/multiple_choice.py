@@ -23,27 +23,43 @@ from wdmoe.models.requests import sharing_contexts
 
 @dataclass(frozen=True)
 class ChoiceScores:
-    """Accuracy and length-normalised accuracy over ``n`` items, with standard errors."""
+    """Accuracy and length-normalised accuracy over ``n`` items, with standard errors;
+    ``outcomes``: each item's 0/1 under ``acc``, in item order (for paired comparisons)."""
 
     acc: float
     acc_norm: float
     acc_stderr: float
     acc_norm_stderr: float
     n: int
+    outcomes: str = ""
 
 
 @dataclass(frozen=True)
 class PartialScores:
-    """WinoGrande's partial scoring: accuracy over ``n`` items (no acc_norm: the continuation is shared)."""
+    """WinoGrande's partial scoring: accuracy over ``n`` items (no acc_norm: the continuation is
+    shared); ``outcomes`` as in :class:`ChoiceScores`."""
 
     acc: float
     acc_stderr: float
     n: int
+    outcomes: str = ""
 
 
 def stderr(p: float, n: int) -> float:
     """Standard error of a mean of ``n`` 0/1 outcomes with mean ``p`` (sample variance, as lm-eval)."""
     return math.sqrt(p * (1 - p) / max(n - 1, 1))
+
+
+def paired_difference(base: str, other: str) -> tuple[float, float]:
+    """``other`` − ``base`` accuracy on the same items (two records' ``outcomes`` strings) and its
+    paired standard error, sd(o_i − b_i)/√n: far below the unpaired √(se_b² + se_o²) when two runs
+    answer most items alike, as two selection policies on one model do."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"paired outcomes need the same items: {len(base)} vs {len(other)} outcomes")
+    d = [int(o) - int(b) for b, o in zip(base, other, strict=True)]
+    n, mean = len(d), sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
 
 
 def encode_pair(tok: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], int]:
@@ -283,19 +299,20 @@ def choice_requests(tok: PreTrainedTokenizerBase, items: Sequence[ChoiceItem]) -
 
 def choice_scores(items: Sequence[ChoiceItem], lls: Sequence[float]) -> ChoiceScores:
     """acc / acc_norm from the log-likelihoods of every item's choices, in item then choice order."""
-    hits = hits_norm = 0
+    hits: list[int] = []
+    hits_norm = 0
     pos = 0
     for item in items:
         k = len(item.continuations)
         ll = lls[pos : pos + k]
         # lm-eval divides by the choice's characters, without the target delimiter (the leading space)
         norm = [v / max(len(c.removeprefix(" ")), 1) for v, c in zip(ll, item.continuations, strict=True)]
-        hits += int(max(range(k), key=ll.__getitem__) == item.gold)
+        hits.append(int(max(range(k), key=ll.__getitem__) == item.gold))
         hits_norm += int(max(range(k), key=norm.__getitem__) == item.gold)
         pos += k
     n = len(items)
-    acc, acc_norm = hits / n, hits_norm / n
-    return ChoiceScores(acc, acc_norm, stderr(acc, n), stderr(acc_norm, n), n)
+    acc, acc_norm = sum(hits) / n, hits_norm / n
+    return ChoiceScores(acc, acc_norm, stderr(acc, n), stderr(acc_norm, n), n, "".join(map(str, hits)))
 
 
 def score_partial(
@@ -307,10 +324,11 @@ def score_partial(
     """The shared continuation scored after each context option; the best sum is the answer (lm-eval)."""
     requests = [encode_pair(tok, c, item.continuation) for item in items for c in item.contexts]
     lls = loglikelihoods(model, requests, batch_size, pad_id=tok.pad_token_id or 0)
-    hits = pos = 0
+    hits: list[int] = []
+    pos = 0
     for item in items:
         ll = lls[pos : pos + len(item.contexts)]
-        hits += int(max(range(len(ll)), key=ll.__getitem__) == item.gold)
+        hits.append(int(max(range(len(ll)), key=ll.__getitem__) == item.gold))
         pos += len(ll)
-    acc = hits / len(items)
-    return PartialScores(acc, stderr(acc, len(items)), len(items))
+    acc = sum(hits) / len(items)
+    return PartialScores(acc, stderr(acc, len(items)), len(items), "".join(map(str, hits)))

@@ -148,7 +148,9 @@ def breakdown_per_device(records: Sequence[StepRecord], requests: int) -> dict[s
 
 
 def make_record(config: Mapping[str, Any], result: TaskResult, latency: Mapping[str, Any]) -> dict[str, Any]:
-    """The line written for one (config, task): key, config, metrics, latency, version, time."""
+    """The line written for one (config, task): key, config, metrics, latency, version, time, and
+    (multiple choice) each item's 0/1 outcome as a string, so that two runs compare item by item."""
+    outcomes = {"outcomes": {"acc": result.outcomes}} if result.outcomes else {}
     return {
         "key": config_key(config, result.task),
         "task": result.task,
@@ -158,6 +160,7 @@ def make_record(config: Mapping[str, Any], result: TaskResult, latency: Mapping[
         "n": result.n,
         "kind": result.kind,
         "latency": dict(latency),
+        **outcomes,
         "wdmoe_version": __version__,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -12,6 +12,7 @@ as its own prefill request (``SimSettings.split_rows``) on the channel its batch
 layer. Generation tasks run one request at a time: a prefill, then one decode step per token.
 """
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -102,6 +103,7 @@ class EvalPoint:
             "deadline": asdict(self.sim.deadline),
             "channel_moves": self.sim.channel_moves,
             "seeds": {"channel": self.sim.seed},
+            **placement_digest(cfg),
         }
 
     def resolved(self, cfg: ScenarioConfig, top_k: int) -> dict[str, Any]:
@@ -119,6 +121,15 @@ class EvalPoint:
             "data_dir": str(self.folder()),
             **{k: v for k, v in window.items() if v is not None},
         }
+
+
+def placement_digest(cfg: ScenarioConfig) -> dict[str, Any]:
+    """A planned placement's content hash, so that a record's key changes when the file at
+    ``cell.placement`` is re-planned in place (nothing when no placement is set: older keys hold)."""
+    path = cfg.cell.placement
+    if path is None or not Path(path).is_file():
+        return {}
+    return {"placement_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 def evaluate_simulated(
