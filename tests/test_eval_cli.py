@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from test_simulate import TINY
 from wdmoe.cli import app
 from wdmoe.errors import ConfigError
-from wdmoe.eval.results import append_record, completed_keys, read_records
+from wdmoe.eval.results import append_record, completed_keys, config_key, read_records
 from wdmoe.eval.tasks import default_data_dir
 
 DATA = default_data_dir()
@@ -61,6 +61,29 @@ def test_a_rerun_with_the_same_config_skips_what_is_done(ckpt, tmp_path):
     assert len(read_records(out)) == 2
     assert run_eval(ckpt, out, "--seed", 2).exit_code == 0  # another config: new records
     assert len(completed_keys(out)) == 4
+
+
+@needs_data
+def test_records_of_an_older_version_still_count_as_done(ckpt, tmp_path):
+    """A version before placement and wire formats wrote configs without those fields (and hashed
+    what it had); a version in between hashed them at their neutral values. Both resume."""
+    out = tmp_path / "r.jsonl"
+    assert run_eval(ckpt, out, tasks="arc_easy").exit_code == 0
+    (record,) = read_records(out)
+    resolved = record["config"]["scenario"]["resolved"]
+    assert resolved["cell"]["placement"] is None and resolved["wire"]["format"] == "none"
+    older = json.loads(json.dumps(record))
+    del older["config"]["scenario"]["resolved"]["cell"]["placement"]
+    for name in ("format", "adaptive_formats", "adaptive_snr_db"):
+        del older["config"]["scenario"]["resolved"]["wire"][name]
+    assert config_key(older["config"], "arc_easy") == record["key"]
+    older["key"] = "hashed-otherwise"  # what the in-between version stored
+    old = tmp_path / "old.jsonl"
+    append_record(old, older)
+    res = run_eval(ckpt, old, tasks="arc_easy")
+    assert res.exit_code == 0 and "skipped" in res.stderr, res.output
+    assert read_records(old) == [older]  # nothing recomputed, nothing appended
+    assert config_key({**record["config"], "limit": 4}, "arc_easy") != record["key"]  # other fields count
 
 
 @needs_data

@@ -21,10 +21,40 @@ from wdmoe.errors import ConfigError
 from wdmoe.eval.harness import TaskResult
 from wdmoe.simulate import StepRecord
 
+# Scenario fields added after records were first written, at the values that reproduce those
+# records: left out of the key, so that a resumed run still finds what older versions wrote.
+KEY_NEUTRAL: dict[tuple[str, str], Any] = {
+    ("cell", "placement"): None,
+    ("wire", "format"): "none",  # prices bits_per_element, values exact: the adaptive lists are unused
+    ("wire", "adaptive_formats"): ["bfloat16", "int8"],
+    ("wire", "adaptive_snr_db"): [15.0],
+}
+
+
+def key_view(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config`` without the :data:`KEY_NEUTRAL` fields at their neutral values (the record keeps them)."""
+    scenario = config.get("scenario")
+    resolved = scenario.get("resolved") if isinstance(scenario, Mapping) else None
+    if not isinstance(scenario, Mapping) or not isinstance(resolved, Mapping):
+        return config
+    trimmed = {k: dict(v) if isinstance(v, Mapping) else v for k, v in resolved.items()}
+    for (section, name), neutral in KEY_NEUTRAL.items():
+        values = trimmed.get(section)
+        if isinstance(values, dict) and name in values and jsonable(values[name]) == neutral:
+            del values[name]
+    return {**config, "scenario": {**scenario, "resolved": trimmed}}
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
 
 def config_key(config: Mapping[str, Any], task: str) -> str:
-    """A stable hash of the resolved ``config`` and ``task`` (key order does not matter)."""
-    blob = json.dumps({"config": config, "task": task}, sort_keys=True, separators=(",", ":"), default=str)
+    """A stable hash of the resolved ``config`` and ``task`` (key order does not matter; fields of
+    :data:`KEY_NEUTRAL` at their neutral values do not count)."""
+    blob = json.dumps(
+        {"config": key_view(config), "task": task}, sort_keys=True, separators=(",", ":"), default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -197,9 +227,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return _parse_lines(Path(path))[0]
 
 
+def record_key(record: Mapping[str, Any]) -> str:
+    """The key this version gives ``record``'s config and task: equal to its stored ``key`` unless
+    an older version wrote it (whose key hashed fields that :data:`KEY_NEUTRAL` now leaves out, or
+    lacked fields added since at their neutral values)."""
+    if isinstance(record.get("config"), Mapping) and isinstance(record.get("task"), str):
+        return config_key(record["config"], record["task"])
+    return str(record["key"])
+
+
 def completed_keys(path: Path) -> set[str]:
-    """Keys of the records already in ``path``: what a rerun can skip."""
-    return {str(r["key"]) for r in read_records(path) if "key" in r}
+    """Keys (:func:`record_key`) of the records already in ``path``: what a rerun can skip."""
+    return {record_key(r) for r in read_records(path) if "key" in r}
 
 
 def _line_start(f: BinaryIO, end: int, chunk: int = 1 << 16) -> int:

@@ -28,6 +28,7 @@ from wdmoe.eval.results import (
     latency_summary,
     make_record,
     read_records,
+    record_key,
 )
 from wdmoe.eval.tasks import Item, Task, default_data_dir, get_task
 from wdmoe.models.install import WirelessModel, install
@@ -189,7 +190,7 @@ class Evaluator:
             config = point.resolved(cfg, wm.top_k)
             key = config_key(config, name)
             if key in done:
-                records[name] = next(r for r in reversed(read_records(out)) if r.get("key") == key)
+                records[name] = next(r for r in reversed(read_records(out)) if record_key(r) == key)
             else:
                 result, latency = evaluate_simulated(wm, tok, get_task(name), items[name], cfg, point)
                 records[name] = make_record(config, result, latency)
