@@ -137,7 +137,7 @@ def main() -> None:
     print(f"seed {args.seed}, limit {limit}, allocator {ALLOCATOR}, policy topk, scenario paper")
     print_table(summary)
     wire = point("adaptive", args.seed, limit).load_scenario().wire
-    path = RESULTS / "wire_formats.json"
+    path = args.out.with_suffix(".all.json" if limit is None else ".json")  # next to the records
     config = {
         "pairing": "by item; each run's clock (so its channel per request) follows its own latency",
         "seed": args.seed,
