@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from wdmoe.eval.multiple_choice import paired_difference
 from wdmoe.eval.results import append_record, read_records
 from wdmoe.policies.dynskip import calibrate, weight_ratios
 from wdmoe.simulate import SimSettings
+from wdmoe.studies.report.rows import paired_se
 from wdmoe.studies.runner import EvalPoint, Evaluator, PolicySpec
 from wdmoe.types import RouterOutput, Selection
 
@@ -112,8 +112,8 @@ def summary(record: dict[str, Any]) -> dict[str, float]:
 def paired_se_points(base: dict[str, Any], chal: dict[str, Any]) -> float | None:
     """The paired standard error of Δacc in points, from both records' per-item outcomes (None
     for records written before outcomes were recorded)."""
-    a, b = (r.get("outcomes", {}).get("acc") for r in (base, chal))
-    return None if not a or not b else 100 * paired_difference(a, b)[1]
+    a, b = (r.get("outcomes", {}).get("acc") or "" for r in (base, chal))
+    return paired_se(a, b)
 
 
 def compare(

@@ -110,6 +110,7 @@ def record(task="arc_easy", policy="topk", params=None, allocator="equal", seed=
         "latency": latency,
         "wdmoe_version": "0.1.0",
         "timestamp": "2025-01-01T00:00:00+00:00",
+        **({"outcomes": {"acc": kw["outcomes"]}} if "outcomes" in kw else {}),
     }
 
 
@@ -276,6 +277,24 @@ def test_tables_show_outage_and_late_requests_and_a_dash_for_older_records():
     assert old.outage_requests is None and old.per_device_outage == {} and tail_note(old) is None
     notes = " ".join(NOTES.split())
     assert "Outage and deadlines" in notes and "3GPP TS 38.214" in notes and "deadline" in notes
+
+
+def test_delta_carries_its_paired_stderr_over_seeds_and_items_when_records_have_outcomes():
+    base = [record(seed=0, acc=0.5, outcomes="1100"), record(seed=1, acc=0.5, outcomes="1010")]
+    other = [
+        record(policy="wdmoe", params=WD, seed=1, acc=0.75, outcomes="1110"),
+        record(policy="wdmoe", params=WD, seed=0, acc=0.5, outcomes="1100"),
+    ]
+    rows = make_rows(base + other)
+    wd = row_of(rows, policy="wdmoe")
+    assert wd.outcomes == "11001110"  # seed 0's items, then seed 1's, whatever the record order
+    c = compare(wd, baseline(wd, rows))
+    # d = (0,0,0,0, 0,0,1,0): mean 1/8, sample var (7/64 + 49/64)/7 = 1/8 → se √(1/8 / 8) = 0.125
+    assert c.delta == pytest.approx(12.5) and c.delta_se == pytest.approx(12.5)
+    assert cells_of(render_tables(rows), "wdmoe")[13] == "+12.5 ± 12.5"
+    older = make_rows([record(), record(policy="wdmoe", params=WD, outcomes="1")])  # base lacks them
+    assert compare(older[1], older[0]).delta_se is None
+    assert cells_of(render_tables(older), "wdmoe")[13] == "+0.0"
 
 
 def test_outage_is_averaged_over_seeds_and_unknown_when_a_seed_lacks_it():

@@ -48,9 +48,8 @@ from wdmoe.studies.report.rows import (
     policy_label,
     primary_metric,
     quality,
-    tail_ratio,
-    worst_link,
 )
+from wdmoe.studies.report.tails import tail_ratio, worst_link
 
 
 @dataclass(frozen=True)

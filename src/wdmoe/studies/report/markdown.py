@@ -16,11 +16,8 @@ from wdmoe.studies.report.rows import (
     baseline,
     compare,
     fronts,
-    heavy_tailed,
-    slowest_device,
-    tail_ratio,
-    worst_link,
 )
+from wdmoe.studies.report.tails import heavy_tailed, slowest_device, tail_ratio, worst_link
 
 
 def fmt_s(seconds: float) -> str:
@@ -72,6 +69,8 @@ TABLE_HEADER = (
 def table_cells(row: Row, comparison: Comparison | None, on_front: bool) -> list[str]:
     c = comparison
     delta = "–" if c is None else f"{c.delta:+.2f}" if row.metric in LOWER_IS_BETTER else f"{c.delta:+.1f}"
+    if c is not None and c.delta_se is not None:
+        delta += f" ± {c.delta_se:.1f}"  # paired by (seed, item): what the two runs answered differently
     return [
         row.policy_label + (" ◆" if on_front else ""),
         str(row.top_k),
@@ -177,7 +176,9 @@ def render_tables(rows: Sequence[Row], heading: str = "###") -> str:
 NOTES = f"""\
 Latency is simulated per request (one scored sequence; GSM8K: one question, prefill + decode),
 in seconds. speed-up = mean latency of vanilla topk ÷ the row's; latency −% = the relative
-reduction; Δ = the metric's change against topk (points for accuracies). The baseline is the topk
+reduction; Δ = the metric's change against topk (points for accuracies; "± x" where both rows'
+records keep each item's outcome: its paired standard error over (seed, item), far smaller than
+the two accuracies' own ± when the policies answer most items alike). The baseline is the topk
 row with the same task, model, top-k, scenario overrides (bandwidth …), allocator and seeds; "–"
 when there is none. Rows of several seeds are averaged (×count shown; ± is then the mean standard
 error, as the seeds score the same items). ◆ marks the Pareto front (latency vs metric) of each

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from wdmoe.errors import ConfigError
+from wdmoe.eval.multiple_choice import paired_difference
 from wdmoe.eval.results import read_records
 
 # The metric a task's table shows, in order of preference; perplexities are better when lower.
@@ -166,6 +167,7 @@ class Row:
     per_device_outage: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     energy_j: float | None = None
     per_device_energy: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    outcomes: str = ""  # each (seed, item)'s 0/1 under acc, seeds in order ("" if a record lacks them)
 
     @property
     def is_vanilla(self) -> bool:
@@ -238,7 +240,15 @@ def make_row(records: Sequence[Mapping[str, Any]]) -> Row:
         per_device_outage=_mean_mapping([x.get("per_device_outage") for x in lat]),
         energy_j=_mean_or_none([x.get("energy_j") for x in lat]),
         per_device_energy=_mean_mapping([x.get("per_device_energy") for x in lat]),
+        outcomes=_outcomes(records) if metric == "acc" else "",
     )
+
+
+def _outcomes(records: Sequence[Mapping[str, Any]]) -> str:
+    """The records' per-item outcomes joined in seed order ("" when any record lacks them)."""
+    by_seed = sorted(records, key=lambda r: int(r["config"]["seeds"]["channel"]))
+    parts = [(r.get("outcomes") or {}).get("acc") or "" for r in by_seed]
+    return "".join(parts) if all(parts) else ""
 
 
 def _mean_or_none(values: Sequence[Any]) -> float | None:
@@ -285,6 +295,7 @@ class Comparison:
     reduction: float
     speedup_p50: float
     delta: float  # in points (×100) for accuracies, in the metric's units for perplexities
+    delta_se: float | None = None  # its paired standard error (points), where both have outcomes
 
 
 def baseline(row: Row, rows: Sequence[Row]) -> Row | None:
@@ -307,7 +318,15 @@ def compare(row: Row, base: Row) -> Comparison:
         reduction=1.0 - row.mean_s / base.mean_s if base.mean_s > 0 else 0.0,
         speedup_p50=base.p50_s / row.p50_s if row.p50_s > 0 else math.inf,
         delta=(row.value - base.value) * scale,
+        delta_se=paired_se(base.outcomes, row.outcomes),
     )
+
+
+def paired_se(base: str, other: str) -> float | None:
+    """The paired stderr (points) of other − base accuracy on the same (seed, item)s, or None."""
+    if not base or len(base) != len(other):
+        return None
+    return 100 * paired_difference(base, other)[1]
 
 
 def pareto_front(latency_s: Sequence[float], quality: Sequence[float]) -> list[bool]:
@@ -363,37 +382,3 @@ def highlights(rows: Sequence[Row]) -> list[Highlight]:
         else:
             out.append(Highlight(task, len(task_rows), vanilla.mean_s if vanilla else None, None, None, None))
     return out
-
-
-# --- heavy tails --------------------------------------------------------------------------------
-
-
-def tail_ratio(row: Row) -> float:
-    """mean / p50 of the row's latency (∞ for a zero median, nan when the median is unknown)."""
-    if math.isnan(row.p50_s):
-        return math.nan
-    return row.mean_s / row.p50_s if row.p50_s > 0 else math.inf
-
-
-def heavy_tailed(row: Row) -> bool:
-    return tail_ratio(row) > HEAVY_TAIL_RATIO
-
-
-def worst_link(row: Row) -> tuple[int, float] | None:
-    """(device, share of layer times its link was down) of the device down most; None without
-    per-device outage or when no link was ever down."""
-    down = row.per_device_outage.get("link_down", ())
-    if not down or max(down) <= 0:
-        return None
-    u = int(np.argmax(down))
-    return u, float(down[u])
-
-
-def slowest_device(row: Row) -> tuple[int, float] | None:
-    """(device, its downlink + compute + uplink seconds per request) of the slowest device."""
-    parts = [row.per_device.get(name, ()) for name in ("downlink_s", "compute_s", "uplink_s")]
-    if not all(parts) or len({len(p) for p in parts}) != 1:
-        return None
-    total = np.sum(np.asarray(parts, dtype=np.float64), axis=0)
-    u = int(np.argmax(total))
-    return u, float(total[u])
