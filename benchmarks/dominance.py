@@ -150,6 +150,61 @@ def compare(
     }
 
 
+def pooled(
+    records: list[dict[str, Any]], rows: list[dict[str, Any]], limit: int | None
+) -> list[dict[str, Any]]:
+    """Per θ over the seeds it has: speed-up = mean of WDMoE-θ's per-seed mean latencies ÷ the
+    challenger's (equal request counts per seed), Δacc = the mean per-seed Δ, and its paired stderr
+    sd(d̄_i)/√n with d̄_i item i's Δ averaged over the seeds (the seeds score the same items), where
+    every record kept its outcomes; the target on the pooled numbers."""
+    out = []
+    for theta in sorted({r["theta"] for r in rows}):
+        seeds = [r["seed"] for r in rows if r["theta"] == theta]
+        name, params = CHALLENGERS[theta]
+        tasks = {}
+        for task in TASKS:
+            pairs = [
+                (
+                    find(records, point(wdmoe_spec(theta), s, limit), task),
+                    find(records, point(PolicySpec(name, params), s, limit), task),
+                )
+                for s in seeds
+            ]
+            base, chal = ([summary(p[i]) for p in pairs] for i in (0, 1))  # type: ignore[arg-type]
+            speedup = float(np.mean([b["mean_s"] for b in base]) / np.mean([c["mean_s"] for c in chal]))
+            delta = 100 * float(np.mean([c["acc"] - b["acc"] for b, c in zip(base, chal, strict=True)]))
+            hits = [[(r or {}).get("outcomes", {}).get("acc") or "" for r in p] for p in pairs]
+            se = None
+            if all(a and b and len(a) == len(b) for a, b in hits):
+                d = np.mean(
+                    [
+                        np.frombuffer(c.encode(), np.uint8)
+                        - np.frombuffer(b.encode(), np.uint8).astype(float)
+                        for b, c in hits
+                    ],
+                    axis=0,
+                )
+                se = 100 * float(d.std(ddof=1) / np.sqrt(len(d)))
+            met = speedup >= TARGET_SPEEDUP and delta >= -TARGET_DROP_POINTS
+            tasks[task] = {"speedup": speedup, "delta_acc_points": delta, "paired_se_points": se, "met": met}
+        met_all = all(t["met"] for t in tasks.values())
+        out.append({"theta": theta, "seeds": seeds, "tasks": tasks, "met": met_all})
+    return out
+
+
+def print_pooled(rows: list[dict[str, Any]]) -> None:
+    print(f"\npooled over seeds{'':<4} {'task':<9} {'×mean':>6} {'Δacc ± paired se':<16} met")
+    for row in rows:
+        for task, t in row["tasks"].items():
+            se = "" if t["paired_se_points"] is None else f" ± {t['paired_se_points']:.1f}"
+            seeds = ",".join(map(str, row["seeds"]))
+            print(
+                f"θ={row['theta']} seeds {seeds:<8} {task:<9} {t['speedup']:>6.2f} "
+                f"{t['delta_acc_points']:>+6.1f}{se:<10} {'yes' if t['met'] else 'no'}"
+            )
+        print(f"{'':>4} θ={row['theta']} pooled: target {'MET' if row['met'] else 'not met'}")
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"\n{'seed':>4} {'θ':>4} {'task':<9} {'n':>5} {'policy':<44} {'acc ± se':>14} "
@@ -252,6 +307,8 @@ def main() -> None:
     records = read_records(args.out)
     rows = [r for s in seeds for th in THETAS if (r := compare(records, s, th, args.limit)) is not None]
     print_table(rows)
+    pools = pooled(records, rows, args.limit)
+    print_pooled(pools)
     path = args.out.with_suffix(f".{args.limit or 'all'}.summary.json")
     path.write_text(
         json.dumps(
@@ -259,6 +316,7 @@ def main() -> None:
                 "limit": args.limit,
                 "target": {"speedup": TARGET_SPEEDUP, "max_drop_points": TARGET_DROP_POINTS},
                 "rows": rows,
+                "pooled": pools,
             },
             indent=2,
         )
