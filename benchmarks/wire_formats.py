@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from wdmoe.eval.multiple_choice import paired_difference
 from wdmoe.eval.results import read_records
 from wdmoe.simulate import SimSettings
 from wdmoe.studies.runner import EvalPoint, Evaluator, PolicySpec
@@ -71,6 +72,16 @@ def ratio_with_stderr(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
     return r, math.sqrt(max(var, 0.0))
 
 
+def cost_vs_float32(rows: dict[str, dict[str, Any]], fmt: str) -> dict[str, float]:
+    """``fmt``'s accuracy change against float32 in points, with its paired stderr over items,
+    where both records kept per-item outcomes ({} otherwise, or for float32 itself)."""
+    base, mine = (rows[f].get("outcomes", {}).get("acc") if f in rows else None for f in ("float32", fmt))
+    if fmt == "float32" or not base or not mine or len(base) != len(mine):
+        return {}
+    delta, se = paired_difference(base, mine)
+    return {"delta_vs_float32_points": 100 * delta, "delta_vs_float32_paired_se_points": 100 * se}
+
+
 def summarise(records: list[dict[str, Any]], seed: int, limit: int | None) -> dict[str, Any]:
     """Per task: accuracy ± stderr and latency per format; the adaptive rule's gains."""
     tasks: dict[str, Any] = {}
@@ -85,6 +96,7 @@ def summarise(records: list[dict[str, Any]], seed: int, limit: int | None) -> di
                 "requests": r["latency"]["requests"],
                 "mean_s": r["latency"]["mean_s"],
                 "p50_s": r["latency"]["p50_s"],
+                **cost_vs_float32(rows, f),
             }
             for f, r in rows.items()
         }
@@ -104,11 +116,17 @@ def summarise(records: list[dict[str, Any]], seed: int, limit: int | None) -> di
 def print_table(summary: dict[str, Any]) -> None:
     for task, t in summary.items():
         print(f"\n{task}")
-        print(f"  {'format':<9} {'n':>4} {'acc ± se':>15} {'requests':>8} {'mean s':>8} {'p50 s':>8}")
+        print(
+            f"  {'format':<9} {'n':>4} {'acc ± se':>15} {'requests':>8} {'mean s':>8} {'p50 s':>8}"
+            "  Δacc vs float32 (paired se)"
+        )
         for f, s in t["formats"].items():
+            delta = s.get("delta_vs_float32_points")
+            se = s.get("delta_vs_float32_paired_se_points")
+            cost = "" if delta is None else f"  {delta:+.1f} ± {se:.1f} pts"
             print(
                 f"  {f:<9} {s['n']:>4} {s['acc']:>7.3f} ± {s['acc_stderr']:.3f} {s['requests']:>8} "
-                f"{s['mean_s']:>8.4f} {s['p50_s']:>8.4f}"
+                f"{s['mean_s']:>8.4f} {s['p50_s']:>8.4f}{cost}"
             )
         for name, g in t["adaptive_gain"].items():
             print(
