@@ -192,6 +192,60 @@ def pooled(
     return out
 
 
+def against_the_curve(
+    records: list[dict[str, Any]], seeds: list[int], limit: int | None
+) -> list[dict[str, Any]]:
+    """Each challenger setting against WDMoE-θ's accuracy-latency curve on its seed and task (the
+    θ ∈ THETAS points, linear between them): WDMoE-θ's accuracy at the challenger's mean latency
+    (Δ = challenger − that, points) and WDMoE-θ's mean latency at the challenger's accuracy (÷ the
+    challenger's: the speed-up at equal accuracy); None outside the curve's range. A comparison that
+    does not depend on which θ a setting is paired with."""
+    out = []
+    for seed in seeds:
+        for task in TASKS:
+            curve = [find(records, point(wdmoe_spec(t), seed, limit), task) for t in THETAS]
+            if any(c is None for c in curve):
+                continue
+            lat = np.array([summary(c)["mean_s"] for c in curve if c is not None])
+            acc = np.array([summary(c)["acc"] for c in curve if c is not None])
+            for theta, (name, params) in CHALLENGERS.items():
+                rec = find(records, point(PolicySpec(name, params), seed, limit), task)
+                if rec is None:
+                    continue
+                c = summary(rec)
+                by_lat, by_acc = np.argsort(lat), np.argsort(acc)
+                acc_at = float(np.interp(c["mean_s"], lat[by_lat], acc[by_lat], left=np.nan, right=np.nan))
+                lat_at = float(np.interp(c["acc"], acc[by_acc], lat[by_acc], left=np.nan, right=np.nan))
+                out.append(
+                    {
+                        "seed": seed,
+                        "task": task,
+                        "setting": {"name": name, "params": params, "paired_theta": theta},
+                        "acc": c["acc"],
+                        "mean_s": c["mean_s"],
+                        "delta_at_equal_latency_points": None
+                        if np.isnan(acc_at)
+                        else 100 * (c["acc"] - acc_at),
+                        "speedup_at_equal_accuracy": None if np.isnan(lat_at) else lat_at / c["mean_s"],
+                    }
+                )
+    return out
+
+
+def print_curve(rows: list[dict[str, Any]]) -> None:
+    print(
+        "\nagainst WDMoE-θ's curve (θ = 0.1–0.3, linear between): Δacc at equal latency, × at equal accuracy"
+    )
+    for r in rows:
+        d, x = r["delta_at_equal_latency_points"], r["speedup_at_equal_accuracy"]
+        params = ",".join(f"{k}={v}" for k, v in r["setting"]["params"].items())
+        print(
+            f"  seed {r['seed']} {r['task']:<9} {r['setting']['name']} {params:<34} "
+            f"{r['acc']:.3f} @ {r['mean_s']:.3f} s  Δ {'  –' if d is None else f'{d:+.1f}'} pts  "
+            f"× {'–' if x is None else f'{x:.2f}'}"
+        )
+
+
 def print_pooled(rows: list[dict[str, Any]]) -> None:
     print(f"\npooled over seeds{'':<4} {'task':<9} {'×mean':>6} {'Δacc ± paired se':<16} met")
     for row in rows:
@@ -309,6 +363,8 @@ def main() -> None:
     print_table(rows)
     pools = pooled(records, rows, args.limit)
     print_pooled(pools)
+    curve = against_the_curve(records, seeds, args.limit)
+    print_curve(curve)
     path = args.out.with_suffix(f".{args.limit or 'all'}.summary.json")
     path.write_text(
         json.dumps(
@@ -317,6 +373,7 @@ def main() -> None:
                 "target": {"speedup": TARGET_SPEEDUP, "max_drop_points": TARGET_DROP_POINTS},
                 "rows": rows,
                 "pooled": pools,
+                "against_the_curve": curve,
             },
             indent=2,
         )
