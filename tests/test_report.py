@@ -292,6 +292,7 @@ def test_delta_carries_its_paired_stderr_over_seeds_and_items_when_records_have_
     # d = (0,0,0,0, 0,0,1,0): mean 1/8, sample var (7/64 + 49/64)/7 = 1/8 → se √(1/8 / 8) = 0.125
     assert c.delta == pytest.approx(12.5) and c.delta_se == pytest.approx(12.5)
     assert cells_of(render_tables(rows), "wdmoe")[13] == "+12.5 ± 12.5"
+    assert cells_of(render_tables(rows), "topk")[13] == "+0.0"  # the baseline against itself: no ±
     older = make_rows([record(), record(policy="wdmoe", params=WD, outcomes="1")])  # base lacks them
     assert compare(older[1], older[0]).delta_se is None
     assert cells_of(render_tables(older), "wdmoe")[13] == "+0.0"

@@ -318,7 +318,7 @@ def compare(row: Row, base: Row) -> Comparison:
         reduction=1.0 - row.mean_s / base.mean_s if base.mean_s > 0 else 0.0,
         speedup_p50=base.p50_s / row.p50_s if row.p50_s > 0 else math.inf,
         delta=(row.value - base.value) * scale,
-        delta_se=paired_se(base.outcomes, row.outcomes),
+        delta_se=None if row is base else paired_se(base.outcomes, row.outcomes),
     )
 
 
